@@ -1,0 +1,176 @@
+"""build_app(config): the middleware stack folded around the forwarding app.
+
+    AccessLog -> RequestId -> Auth -> Body -> HotRoutes -> Forward           (POST /v1/<operation>)
+                                                        -> Starlette routes  (/v1/models, /healthz, /readyz)
+
+The few hot routes are dispatched by one dict lookup before any general
+router; Starlette serves the rest and runs the lifespan (pools, store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from gateway import config as config_module
+from gateway import logs
+from gateway.config import Config
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, ServerError, ServiceUnavailable
+from gateway.forward import Forward, Route
+from gateway.middleware.access_log import AccessLogMiddleware
+from gateway.middleware.auth import AuthMiddleware, KeyTable
+from gateway.middleware.body import BodyMiddleware
+from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.providers import Operation, build_adapter
+from gateway.store import Store, StoreError, store_from_url
+from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.upstream import Timeouts, UpstreamPool
+
+log = logging.getLogger("gateway")
+
+HOT_ROUTES: dict[str, Operation] = {f"/v1/{op.value}": op for op in Operation}
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class HotRoutes:
+    def __init__(self, hot: Mapping[str, ASGIApp], fallback: ASGIApp) -> None:
+        self.hot = hot
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.hot.get(scope["path"], self.fallback) if scope["type"] == "http" else self.fallback
+        await app(scope, receive, send)
+
+
+def _error_response(exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type="application/json")
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _error_response(
+            MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+        )
+    return _error_response(NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _error_response(ServerError("The server had an error processing your request."))
+
+
+class Gateway:
+    """The ASGI application: state lives here, built from one config snapshot."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self.store: Store = store_from_url(
+            config.store.url, timeout_s=config.store.timeout_s, max_connections=config.store.max_connections
+        )
+        t = config.router.timeouts
+        timeouts = Timeouts(
+            connect_s=t.connect_s, first_byte_s=t.first_byte_s, idle_s=t.idle_s, total_s=t.total_s
+        )
+        self.pools: dict[str, UpstreamPool] = {}
+        adapters = {}
+        for name, provider in config.enabled_providers().items():
+            pool = UpstreamPool(provider.url, max_connections=provider.max_connections, timeouts=timeouts)
+            self.pools[name] = pool
+            adapters[name] = build_adapter(name, provider, pool.base_path)
+        # For now an alias goes to its first deployment on an enabled provider.
+        self.routes: dict[str, Route] = {}
+        for model in config.models:
+            for dep in model.deployments:
+                if dep.provider in adapters:
+                    self.routes[model.name] = Route(
+                        adapters[dep.provider], self.pools[dep.provider], dep.model
+                    )
+                    break
+            else:
+                log.warning("model %s has no deployment on an enabled provider: not served", model.name)
+
+        routes = [
+            StarletteRoute("/healthz", self.healthz),
+            StarletteRoute("/readyz", self.readyz),
+            StarletteRoute("/v1/models", self.list_models),
+            StarletteRoute("/v1/models/{model:path}", self.get_model),
+        ]
+        starlette = Starlette(
+            routes=routes,
+            lifespan=self.lifespan,
+            exception_handlers={HTTPException: _http_exception, Exception: _server_error},
+        )
+        forward = Forward(self.routes)
+        app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
+        app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
+        keys = KeyTable(config.auth.keys, self.routes)
+        app = AuthMiddleware(app, keys=keys, public_paths=PUBLIC_PATHS)
+        app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
+        self.app = AccessLogMiddleware(app) if config.server.access_log else app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            log.warning("store is not reachable at start: %s", exc)
+        log.info("gateway ready: %d models, %d providers", len(self.routes), len(self.pools))
+        try:
+            yield
+        finally:
+            for pool in self.pools.values():
+                await pool.aclose()
+            await self.store.aclose()
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            return _error_response(ServiceUnavailable(f"store unreachable: {exc}"))
+        return JSONResponse({"status": "ready", "models": len(self.routes)})
+
+    def _model(self, alias: str) -> dict[str, object]:
+        return {"id": alias, "object": "model", "created": self.created, "owned_by": "gateway"}
+
+    async def list_models(self, request: Request) -> Response:
+        allowed = request.scope["gateway"].policy.models
+        data = [self._model(alias) for alias in self.routes if alias in allowed]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        alias = request.path_params["model"]
+        if alias not in self.routes or alias not in request.scope["gateway"].policy.models:
+            return _error_response(
+                NotFound(
+                    f"The model `{alias}` does not exist or you do not have access to it.",
+                    code="model_not_found",
+                )
+            )
+        return JSONResponse(self._model(alias))
+
+
+def build_app(config: Config) -> Gateway:
+    return Gateway(config)
+
+
+def app_from_env() -> Gateway:
+    """uvicorn factory (`gateway.app:app_from_env`): each worker process loads the config itself."""
+    config = config_module.load(os.environ["GATEWAY_CONFIG"])
+    logs.configure(config.secrets(), os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    return build_app(config)

@@ -1,0 +1,248 @@
+"""The config file: YAML -> `${VAR}` substitution -> frozen msgspec structs -> cross-checks.
+
+Every problem is reported as `path: reason` (`models[2].deployments[0].provider:
+unknown provider 'oai2'`), and no message ever carries a secret's value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+from gateway.providers import KINDS, AnyProvider, ProviderConfig
+
+log = logging.getLogger("gateway.config")
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+MIN_KEY_CHARS = 16
+
+
+class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(Struct):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: PositiveInt = 1_048_576
+    access_log: bool = True  # one JSON line per request on the gateway.access logger
+
+
+class StoreConfig(Struct):
+    url: str = "memory://"
+    timeout_s: PositiveFloat = 1.0
+    max_connections: PositiveInt = 50
+
+
+class Limits(Struct):
+    """Not yet enforced: the rate-limit issue brings them into force."""
+
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    rpd: PositiveInt | None = None
+
+
+class KeyConfig(Struct):
+    name: str
+    key: str
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    limits: Limits = Limits()
+
+
+class AuthConfig(Struct):
+    admin_key: str = ""
+    keys: list[KeyConfig] = []
+
+
+class Deployment(Struct):
+    provider: str
+    model: str
+    limits: Limits = Limits()
+
+
+class ModelConfig(Struct):
+    name: str
+    deployments: Annotated[list[Deployment], msgspec.Meta(min_length=1)]
+
+
+class CacheConfig(Struct):
+    enabled: bool = False
+    ttl_s: PositiveFloat = 300
+
+
+class BreakerConfig(Struct):
+    failures: PositiveInt = 5
+    window_s: PositiveFloat = 30
+    cooldown_s: PositiveFloat = 10
+
+
+class Timeouts(Struct):
+    connect_s: PositiveFloat = 5
+    first_byte_s: PositiveFloat = 60
+    idle_s: PositiveFloat = 60
+    total_s: PositiveFloat = 600
+
+
+class RouterConfig(Struct):
+    retries: Annotated[int, msgspec.Meta(ge=0)] = 2
+    timeouts: Timeouts = Timeouts()
+
+
+class Config(Struct):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    providers: dict[str, AnyProvider] = {}
+    models: list[ModelConfig] = []
+    cache: CacheConfig = CacheConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    router: RouterConfig = RouterConfig()
+
+    def secrets(self) -> list[str]:
+        """Every secret value in this config, for the log masker."""
+        values = [self.auth.admin_key, *(k.key for k in self.auth.keys)]
+        values += [p.api_key for p in self.providers.values()]
+        return [v for v in values if v]
+
+    def enabled_providers(self) -> dict[str, ProviderConfig]:
+        return {name: p for name, p in self.providers.items() if p.enabled}
+
+
+class ConfigError(Exception):
+    """One or more problems, each `path: reason`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<path>[^`]*)`$", re.S)
+
+
+def _substitute(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        for k in node:
+            if not isinstance(k, str):
+                where = path or "(top level)"
+                problems.append(
+                    f"{where}: key {k!r} is not a string (quote it: YAML reads off/yes/no as booleans)"
+                )
+        return {k: _substitute(v, f"{path}.{k}" if path else str(k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def value(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(value, node)
+
+
+def _cross_check(config: Config) -> list[str]:
+    problems = []
+    for name, provider in config.providers.items():
+        if provider.url and not provider.url.startswith(("http://", "https://")):
+            problems.append(f"providers.{name}.base_url: must start with http:// or https://")
+    aliases: set[str] = set()
+    for i, model in enumerate(config.models):
+        if model.name in aliases:
+            problems.append(f"models[{i}].name: duplicate model '{model.name}'")
+        aliases.add(model.name)
+        for j, dep in enumerate(model.deployments):
+            if dep.provider not in config.providers:
+                problems.append(f"models[{i}].deployments[{j}].provider: unknown provider '{dep.provider}'")
+    names: set[str] = set()
+    secrets: set[str] = set()
+    for i, key in enumerate(config.auth.keys):
+        path = f"auth.keys[{i}]"
+        if key.name in names:
+            problems.append(f"{path}.name: duplicate key name '{key.name}'")
+        names.add(key.name)
+        if len(key.key) < MIN_KEY_CHARS:
+            problems.append(f"{path}.key: shorter than {MIN_KEY_CHARS} characters")
+        elif key.key in secrets:
+            problems.append(f"{path}.key: same key as another entry")
+        secrets.add(key.key)
+    if config.auth.admin_key and len(config.auth.admin_key) < MIN_KEY_CHARS:
+        problems.append(f"auth.admin_key: shorter than {MIN_KEY_CHARS} characters")
+    return problems
+
+
+def _convert(raw: Any, kind: Any, prefix: str) -> tuple[Any, list[str]]:
+    try:
+        return msgspec.convert(raw, kind, strict=False), []
+    except msgspec.ValidationError as exc:
+        m = _MSGSPEC_PATH.match(str(exc))
+        if m is None:
+            return None, [f"{prefix or '(top level)'}: {exc}"]
+        path = ".".join(p for p in (prefix, m["path"]) if p).replace(".[", "[")
+        return None, [f"{path or '(top level)'}: {m['msg']}"]
+
+
+def parse(text: str, env: dict[str, str] | None = None) -> Config:
+    """Decode config text; raises ConfigError listing every problem found."""
+    try:
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "file"
+        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"])
+    problems: list[str] = []
+    raw = _substitute(raw, "", dict(os.environ if env is None else env), problems)
+    providers = raw.get("providers")
+    for name, provider in providers.items() if isinstance(providers, dict) else ():
+        # Checked one by one: msgspec names a dict entry `[...]`, and the operator needs its name.
+        kind = provider.get("type") if isinstance(provider, dict) else None
+        if kind is not None and kind not in KINDS:
+            problems.append(
+                f"providers.{name}.type: unknown provider type '{kind}' (one of: {', '.join(KINDS)})"
+            )
+        else:
+            problems += _convert(provider, AnyProvider, f"providers.{name}")[1]
+    if problems:
+        raise ConfigError(problems)
+    config, problems = _convert(raw, Config, "")
+    if problems:
+        raise ConfigError(problems)
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.__class__.__name__})"]) from None
+    config = parse(text)
+    mode = path.stat().st_mode
+    literal = [s for s in config.secrets() if s in text]
+    if literal and mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning(
+            "config %s holds secrets and is readable by group or others; chmod 600 it or use ${VAR}", path
+        )
+    for name, provider in config.providers.items():
+        if not provider.enabled:
+            log.warning("provider %s is disabled: its api_key (or base_url) is empty", name)
+    return config

@@ -1,0 +1,44 @@
+"""Per-request state shared by the middlewares and the forwarding app (scope["gateway"])."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import GatewayError
+from gateway.types import Send
+
+if TYPE_CHECKING:
+    from gateway.middleware.auth import Policy
+    from gateway.providers import Operation
+
+
+class RequestContext:
+    __slots__ = ("body", "deployment", "operation", "policy", "request_id", "responded", "started", "status")
+
+    def __init__(self, request_id: bytes, started: float) -> None:
+        self.request_id = request_id
+        self.started = started  # perf_counter() when the request reached the gateway
+        self.policy: Policy | None = None
+        self.operation: Operation | None = None
+        self.body: dict[str, Any] = {}
+        self.responded = False  # the response head has gone out: errors can no longer be sent whole
+        self.status = 0
+        self.deployment = ""  # provider/model the request went to, for the access log
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers every response carries."""
+        return [(b"x-request-id", self.request_id)]
+
+    async def send_error(self, send: Send, exc: GatewayError) -> None:
+        """Answer with `exc` as a complete JSON response (nothing may have been sent yet)."""
+        body = exc.body()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            *exc.headers,
+            *self.headers(),
+        ]
+        self.responded = True
+        self.status = exc.status
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,33 @@
+"""Provider kinds: their config structs (a tagged union on `type`) and their adapters."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from gateway.providers.base import OPERATION_CAPABILITY, Adapter, Capability, Operation, ProviderConfig
+from gateway.providers.openai import CONFIGS as OPENAI_FAMILY
+from gateway.providers.openai import OpenAIAdapter
+
+ADAPTERS: dict[type[ProviderConfig], type[Adapter]] = {kind: OpenAIAdapter for kind in OPENAI_FAMILY}
+
+# msgspec decodes `providers.<name>` straight into the subclass named by `type`.
+AnyProvider = Union[tuple(ADAPTERS)]  # type: ignore[valid-type]  # noqa: UP007
+
+KINDS: tuple[str, ...] = tuple(kind.__struct_config__.tag for kind in ADAPTERS)  # type: ignore[misc]
+
+
+def build_adapter(name: str, config: ProviderConfig, base_path: str) -> Adapter:
+    return ADAPTERS[type(config)](name, config, base_path)
+
+
+__all__ = [
+    "ADAPTERS",
+    "KINDS",
+    "OPERATION_CAPABILITY",
+    "Adapter",
+    "AnyProvider",
+    "Capability",
+    "Operation",
+    "ProviderConfig",
+    "build_adapter",
+]

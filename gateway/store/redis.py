@@ -1,0 +1,319 @@
+"""The Redis store: shared state for N gateway replicas, over redis.asyncio.
+
+Commands use one `BlockingConnectionPool`: when every connection is busy a call
+waits (up to `timeout_s`) for one to come back instead of failing, so a burst
+queues rather than erroring. Each connection retries a command once after a
+connection error, which is what lets the store ride out a Redis restart: the
+pooled sockets are stale afterwards and the retry reconnects. Timeouts are not
+retried, since a script that timed out may already have run.
+
+Scripts go by EVALSHA. A script is loaded once (at `register` or first use); if
+Redis has lost it since (restart, failover, SCRIPT FLUSH), NOSCRIPT makes the
+store load it again and retry once.
+
+Pub/sub has its own connection, outside the pool so a subscription never takes
+a command slot, read by one background task for all subscriptions. When that
+connection breaks, the task reconnects with a growing backoff and subscribes
+every channel again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.store.base import (
+    INCR_WITH_TTL,
+    Script,
+    ScriptArg,
+    Store,
+    StoreError,
+    Subscription,
+    check_ttl,
+    deliver,
+    ttl_ms,
+)
+
+logger = logging.getLogger("gateway.store")
+
+# What the driver raises: its own errors, plus socket errors it does not wrap everywhere.
+_DRIVER_ERRORS = (RedisError, OSError)
+# Pub/sub reconnect backoff: first retry soon (a restart takes well under a
+# second), then double up to a ceiling so an outage costs little.
+_BACKOFF_MIN_S = 0.05
+_BACKOFF_MAX_S = 2.0
+
+
+class RedisStore(Store):
+    """A `Store` on Redis. Build it with `from_url`, or around an existing client.
+
+    The store owns `client` and closes it in `aclose`. `secrets` (the URL's
+    password) are masked in every error message and log line.
+    """
+
+    def __init__(self, client: Redis, *, timeout_s: float = 1.0, secrets: Sequence[str] = ()) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._secrets = tuple(secret for secret in secrets if secret)
+        self._loaded: set[str] = set()
+        pool = client.connection_pool
+        # Same server and options, but no read timeout: an idle subscriber waits
+        # for messages indefinitely. Connecting is still bounded by timeout_s.
+        self._pubsub_client = Redis.from_pool(
+            ConnectionPool(
+                connection_class=pool.connection_class,
+                **{**pool.connection_kwargs, "socket_timeout": None},
+            )
+        )
+        self._handlers: dict[bytes, list[_RedisSubscription]] = {}
+        self._confirmed: dict[bytes, asyncio.Event] = {}
+        self._live: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, max_connections: int = 50) -> RedisStore:
+        """Build a store for a redis://, rediss:// or unix:// URL (no connection is made yet)."""
+        secrets = _url_secrets(url)
+        try:
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                decode_responses=False,
+            )
+        except ValueError as exc:
+            # The driver's message may quote the URL; the cause is dropped for the same reason.
+            raise ValueError(_redact(f"invalid redis URL: {exc}", secrets)) from None
+        return cls(Redis.from_pool(pool), timeout_s=timeout_s, secrets=secrets)
+
+    @property
+    def client(self) -> Redis:
+        """The underlying client, for tooling and tests; request paths use the methods."""
+        return self._client
+
+    def _error(self, action: str, exc: BaseException) -> StoreError:
+        return StoreError(_redact(f"redis {action} failed: {type(exc).__name__}: {exc}", self._secrets))
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except _DRIVER_ERRORS as exc:
+            raise self._error("PING", exc) from exc
+
+    async def aclose(self) -> None:
+        """Stop the pub/sub reader, then close both connection pools. Idempotent."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        for subscriptions in self._handlers.values():
+            for subscription in subscriptions:
+                subscription.active = False
+        self._handlers.clear()
+        self._confirmed.clear()
+        await self._pubsub_client.aclose()
+        await self._client.aclose()
+
+    # -- keys and counters -------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self._client.get(key)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("GET", exc) from exc
+        return cast("bytes | None", value)  # decode_responses=False: never str
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None, nx: bool = False) -> bool:
+        check_ttl(ttl_s)
+        try:
+            reply = await self._client.set(key, value, px=None if ttl_s is None else ttl_ms(ttl_s), nx=nx)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("SET", exc) from exc
+        return bool(reply)
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0  # DEL needs at least one key
+        try:
+            count: int = await self._client.delete(*keys)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("DEL", exc) from exc
+        return count
+
+    async def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
+        check_ttl(ttl_s)
+        if ttl_s is not None:
+            count: int = await self.run(INCR_WITH_TTL, [key], [amount, ttl_ms(ttl_s)])
+            return count
+        try:
+            count = await self._client.incrby(key, amount)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("INCRBY", exc) from exc
+        return count
+
+    # -- scripts -----------------------------------------------------------
+
+    async def register(self, *scripts: Script) -> None:
+        """SCRIPT LOAD each script now: a Lua error shows at startup, not on a request."""
+        for script in scripts:
+            try:
+                await self._load(script)
+            except _DRIVER_ERRORS as exc:
+                raise self._error(f"SCRIPT LOAD of {script.name}", exc) from exc
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        client = self._client
+        try:
+            if script.sha not in self._loaded:
+                await self._load(script)
+            try:
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                # Redis lost its script cache since we loaded it (restart, failover, SCRIPT FLUSH).
+                await self._load(script)
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except _DRIVER_ERRORS as exc:
+            raise self._error(f"script {script.name}", exc) from exc
+
+    async def _load(self, script: Script) -> None:
+        await self._client.script_load(script.lua)
+        self._loaded.add(script.sha)
+
+    # -- pub/sub -----------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        try:
+            await self._client.publish(channel, message)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("PUBLISH", exc) from exc
+
+    async def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> Subscription:
+        """Subscribe, waiting up to `timeout_s` for Redis to confirm (else `StoreError`)."""
+        name = channel.encode()
+        subscription = _RedisSubscription(self, name, handler)
+        subscriptions = self._handlers.get(name)
+        if subscriptions is not None:
+            subscriptions.append(subscription)
+        else:
+            self._handlers[name] = [subscription]
+            self._confirmed[name] = asyncio.Event()
+            if self._reader is None:
+                # The reader subscribes every channel in _handlers once connected.
+                self._reader = asyncio.create_task(self._read_loop(), name="gateway.store.pubsub")
+            elif self._live is not None:
+                # A send that fails means the connection broke: the reader notices,
+                # reconnects and subscribes every channel, which the wait below sees.
+                with contextlib.suppress(*_DRIVER_ERRORS):
+                    await self._live.subscribe(name)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._confirmed[name].wait()
+        except BaseException as exc:
+            # Timed out or cancelled: the caller gets no handle, so nothing may stay subscribed.
+            await subscription.aclose()
+            if isinstance(exc, TimeoutError):
+                raise StoreError(
+                    f"redis SUBSCRIBE to {channel!r} not confirmed within {self._timeout_s}s"
+                ) from None
+            raise
+        return subscription
+
+    async def _unsubscribe(self, subscription: _RedisSubscription) -> None:
+        subscriptions = self._handlers[subscription.channel]
+        subscriptions.remove(subscription)
+        if subscriptions:
+            return
+        del self._handlers[subscription.channel]
+        del self._confirmed[subscription.channel]
+        if self._live is not None:
+            # Locally the subscription is already gone (messages for it are dropped);
+            # a broken connection is resubscribed without this channel anyway.
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await self._live.unsubscribe(subscription.channel)
+
+    async def _read_loop(self) -> None:
+        delay = _BACKOFF_MIN_S
+        while True:
+            pubsub = self._pubsub_client.pubsub()
+            try:
+                # Reads on this connection have no timeout, so bound the handshake here.
+                async with asyncio.timeout(self._timeout_s):
+                    await pubsub.connect()  # type: ignore[no-untyped-call]
+                # From here subscribe() sends its own SUBSCRIBE; channels added
+                # before are in this snapshot (no await in between).
+                self._live = pubsub
+                if self._handlers:
+                    await pubsub.subscribe(*self._handlers)
+                delay = _BACKOFF_MIN_S
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    kind = message["type"] if message else None
+                    if kind == "message":
+                        self._dispatch(message["channel"], message["data"])
+                    elif kind == "subscribe":
+                        event = self._confirmed.get(message["channel"])
+                        if event is not None:
+                            event.set()
+            except _DRIVER_ERRORS as exc:
+                logger.warning(
+                    "store: redis pub/sub connection lost (%s); reconnecting in %.2fs",
+                    _redact(f"{type(exc).__name__}: {exc}", self._secrets),
+                    delay,
+                )
+            finally:
+                self._live = None
+                # Until resubscribed, a new subscribe() must wait for the reconnect.
+                for event in self._confirmed.values():
+                    event.clear()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        for subscription in tuple(self._handlers.get(channel, ())):
+            if subscription.active:
+                deliver(subscription.handler, channel, data)
+
+
+class _RedisSubscription(Subscription):
+    def __init__(self, store: RedisStore, channel: bytes, handler: Callable[[bytes], None]) -> None:
+        self._store = store
+        self.channel = channel
+        self.handler = handler
+        self.active = True
+
+    async def aclose(self) -> None:
+        if self.active:
+            self.active = False
+            await self._store._unsubscribe(self)
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The password of a store URL (userinfo or ?password=), raw and decoded, to mask."""
+    parts = urlsplit(url)
+    found = parse_qs(parts.query).get("password", [])
+    if parts.password:
+        found.append(parts.password)
+    return tuple({variant for secret in found for variant in (secret, unquote(secret)) if variant})
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,200 @@
+"""Shared fixtures: the anyio backend, a real redis-server, and one store per backend.
+
+`redis_url` is the one to reuse elsewhere (end-to-end tests): a URL to a real
+redis-server started once per session, flushed before each test. The server is
+never optional: when `redis-server` is missing it is installed (as root, with
+apt-get) and when that fails the test fails, so CI cannot pass without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+from redis.asyncio import BlockingConnectionPool
+
+from gateway.store import MemoryStore, RedisStore, Store, store_from_url
+
+_START_TIMEOUT_S = 10.0
+_INSTALL_TIMEOUT_S = 600.0
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1 (and a unix socket) without persistence.
+
+    `stop` and `start` again keep the port, which is how tests simulate a restart.
+    """
+
+    def __init__(self, executable: str, workdir: Path) -> None:
+        self.executable = executable
+        self.workdir = workdir
+        self.port = free_port()
+        self.socket_path = workdir / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    def start(self) -> None:
+        log = self.workdir / "redis.log"
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",  # no snapshots: nothing to reload after a restart
+            "appendonly": "no",
+            "dir": str(self.workdir),
+            "unixsocket": str(self.socket_path),
+            "unixsocketperm": "700",
+            "logfile": str(log),
+        }
+        self.process = subprocess.Popen(
+            [self.executable, *(arg for name, value in options.items() for arg in (f"--{name}", value))],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not self._answers_ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                output = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+                pytest.fail(f"redis-server on port {self.port} did not answer PING:\n{output}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Kill the server abruptly (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=_START_TIMEOUT_S)
+        self.process = None
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def _redis_server_executable() -> str:
+    found = shutil.which("redis-server")
+    if found is None and os.geteuid() == 0:
+        try:
+            result = subprocess.run(
+                ["sh", "-c", "apt-get update && apt-get install -y --no-install-recommends redis-server"],
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                capture_output=True,
+                timeout=_INSTALL_TIMEOUT_S,
+                check=False,
+            )
+            detail = result.stderr.decode(errors="replace")[-2000:]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            detail = repr(exc)
+        found = shutil.which("redis-server")
+        if found is None:
+            pytest.fail(f"redis-server is not installed and apt-get could not install it:\n{detail}")
+    if found is None:
+        pytest.fail("redis-server is not on PATH: install it (apt-get install redis-server) to run tests")
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_executable() -> str:
+    return _redis_server_executable()
+
+
+@pytest.fixture(scope="session")
+def redis_process(redis_executable: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The session's redis-server process (for its unix socket); most tests want `redis_url`."""
+    server = RedisServer(redis_executable, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_process: RedisServer) -> str:
+    """The URL of the session's redis-server, shared by every test (not flushed)."""
+    return redis_process.url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """A URL to the session's real redis-server, with every database flushed first."""
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushall()
+    return redis_server
+
+
+@pytest.fixture
+def spawn_redis(
+    redis_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[], RedisServer]]:
+    """Start private redis-servers (for tests that kill them); all are killed afterwards."""
+    servers: list[RedisServer] = []
+
+    def spawn() -> RedisServer:
+        server = RedisServer(redis_executable, tmp_path_factory.mktemp("redis-private"))
+        servers.append(server)
+        server.start()
+        return server
+
+    yield spawn
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+async def memory_store() -> AsyncIterator[Store]:
+    async with MemoryStore() as store:
+        yield store
+
+
+@pytest.fixture
+async def fakeredis_store() -> AsyncIterator[Store]:
+    # The blocking pool production uses: the default one refuses a 51st concurrent call.
+    client = fakeredis.FakeAsyncRedis(
+        server=fakeredis.FakeServer(), connection_pool_class=BlockingConnectionPool, max_connections=50
+    )
+    async with RedisStore(client) as store:
+        yield store
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[Store]:
+    async with store_from_url(redis_url) as store:
+        yield store
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> Store:
+    """The store named by an indirect parameter: one of the three fixtures above."""
+    backend: Store = request.getfixturevalue(request.param)
+    return backend

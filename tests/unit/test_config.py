@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import logging
+import os
+import textwrap
+
+import pytest
+
+from gateway.config import Config, ConfigError, load, parse
+from gateway.providers.openai import OpenAICompatibleConfig, OpenAIConfig
+
+BASE = textwrap.dedent(
+    """
+    server: {host: 127.0.0.1, port: 8080, max_body_bytes: 1048576}
+    store: {url: "memory://"}
+    auth:
+      admin_key: ${ADMIN:-adm-0123456789abcdef}
+      keys:
+        - {name: team-a, key: "${TEAM_A_KEY}", models: [gpt-mini], limits: {rpm: 60, tpm: 100000}}
+    providers:
+      oai: {type: openai, base_url: https://api.openai.com/v1, api_key: "${OPENAI_API_KEY:-}"}
+    models:
+      - name: gpt-mini
+        deployments:
+          - {provider: oai, model: gpt-4o-mini, limits: {rpm: 500, tpm: 200000}}
+    cache: {enabled: true, ttl_s: 300}
+    breaker: {failures: 5, window_s: 30, cooldown_s: 10}
+    router: {retries: 2, timeouts: {connect_s: 5, first_byte_s: 60, total_s: 600}}
+    """
+)
+ENV = {"TEAM_A_KEY": "sk-team-a-0123456789", "OPENAI_API_KEY": "sk-openai-secret-value"}
+
+
+def problems(text: str, env: dict[str, str] = ENV) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, env)
+    return info.value.problems
+
+
+def test_issue_shape_parses_with_substitution() -> None:
+    config = parse(BASE, ENV)
+    assert config.auth.keys[0].key == "sk-team-a-0123456789"
+    assert config.auth.admin_key == "adm-0123456789abcdef"
+    provider = config.providers["oai"]
+    assert isinstance(provider, OpenAIConfig)
+    assert provider.enabled and provider.url == "https://api.openai.com/v1"
+    assert config.models[0].deployments[0].limits.rpm == 500
+    assert config.router.timeouts.first_byte_s == 60
+    assert set(config.secrets()) == {"adm-0123456789abcdef", "sk-team-a-0123456789", "sk-openai-secret-value"}
+
+
+def test_defaults_when_sections_absent() -> None:
+    config = parse("{}", {})
+    assert config == Config()
+    assert config.server.port == 8080 and config.store.url == "memory://"
+
+
+def test_missing_variable_names_path_and_variable() -> None:
+    assert problems(BASE, {}) == ["auth.keys[0].key: environment variable TEAM_A_KEY is not set"]
+
+
+def test_unknown_provider_reference_names_path() -> None:
+    text = BASE.replace("{provider: oai,", "{provider: oai2,")
+    assert problems(text) == ["models[0].deployments[0].provider: unknown provider 'oai2'"]
+
+
+def test_unknown_provider_type_lists_kinds() -> None:
+    (problem,) = problems(BASE.replace("type: openai", "type: openai2"))
+    assert problem.startswith("providers.oai.type: unknown provider type 'openai2'")
+    assert "perplexity" in problem
+
+
+def test_unknown_field_names_path() -> None:
+    assert problems(BASE.replace("ttl_s: 300", "ttl_s: 300, bogus: 1")) == [
+        "cache: Object contains unknown field `bogus`"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path"),
+    [
+        ("rpm: 500", "rpm: many", "models[0].deployments[0].limits.rpm"),
+        ("rpm: 500", "rpm: 0", "models[0].deployments[0].limits.rpm"),
+        ("port: 8080", "port: 70000", "server.port"),
+        ("first_byte_s: 60", "first_byte_s: -1", "router.timeouts.first_byte_s"),
+    ],
+)
+def test_bad_values_name_the_path(old: str, new: str, path: str) -> None:
+    (problem,) = problems(BASE.replace(old, new))
+    assert problem.startswith(path + ": ")
+
+
+def test_env_values_are_converted_to_field_types() -> None:
+    config = parse(BASE.replace("port: 8080", "port: '${PORT}'"), {**ENV, "PORT": "9001"})
+    assert config.server.port == 9001
+
+
+def test_cross_checks_are_all_reported() -> None:
+    text = BASE.replace(
+        "models:\n",
+        "models:\n  - name: gpt-mini\n    deployments: [{provider: nope, model: m}]\n",
+    ).replace('key: "${TEAM_A_KEY}"', "key: short")
+    found = problems(text)
+    assert "models[1].name: duplicate model 'gpt-mini'" in found
+    assert "models[0].deployments[0].provider: unknown provider 'nope'" in found
+    assert "auth.keys[0].key: shorter than 16 characters" in found
+
+
+def test_duplicate_keys_and_names() -> None:
+    text = BASE.replace(
+        "  keys:\n",
+        '  keys:\n    - {name: team-a, key: "${TEAM_A_KEY}"}\n',
+    )
+    found = problems(text)
+    assert "auth.keys[1].name: duplicate key name 'team-a'" in found
+    assert "auth.keys[1].key: same key as another entry" in found
+
+
+def test_no_secret_value_in_any_problem() -> None:
+    text = BASE.replace("rpm: 60", "rpm: sk-team-a-0123456789x").replace("admin_key: ${ADMIN:-", "admin_key: ${ADMIN:-x")
+    for problem in problems(text):
+        assert "sk-team-a-0123456789" not in problem
+        assert "sk-openai-secret-value" not in problem
+
+
+def test_invalid_yaml_and_top_level() -> None:
+    (problem,) = problems("server: {host: [")
+    assert problem.startswith("line ") and "not valid YAML" in problem
+    assert problems("- a\n- b\n") == ["(top level): expected a mapping of sections"]
+
+
+def test_empty_key_disables_provider_and_compatible_needs_only_url() -> None:
+    config = parse(BASE, {"TEAM_A_KEY": "sk-team-a-0123456789"})
+    assert not config.providers["oai"].enabled
+    assert config.enabled_providers() == {}
+    text = BASE.replace(
+        "providers:\n", "providers:\n  local: {type: openai_compatible, base_url: 'http://127.0.0.1:1/v1'}\n"
+    )
+    local = parse(text, ENV).providers["local"]
+    assert isinstance(local, OpenAICompatibleConfig) and local.enabled
+
+
+def test_bad_base_url_scheme() -> None:
+    assert problems(BASE.replace("https://api.openai.com/v1", "ftp://x")) == [
+        "providers.oai.base_url: must start with http:// or https://"
+    ]
+
+
+def test_load_warns_on_readable_file_with_literal_secret(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "gw.yaml"
+    path.write_text(BASE.replace('"${TEAM_A_KEY}"', "sk-literal-0123456789"))
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, "gateway.config"):
+        load_with_env(path)
+    assert "readable by group or others" in caplog.text
+    caplog.clear()
+    os.chmod(path, 0o600)
+    with caplog.at_level(logging.WARNING, "gateway.config"):
+        load_with_env(path)
+    assert "readable by group or others" not in caplog.text
+
+
+def load_with_env(path) -> Config:  # type: ignore[no-untyped-def]
+    old = dict(os.environ)
+    os.environ.update(OPENAI_API_KEY="sk-openai-secret-value")
+    try:
+        return load(path)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_load_unreadable_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "missing.yaml")
+    assert "cannot read" in info.value.problems[0]
+
+
+def test_non_string_keys_are_named() -> None:
+    (problem,) = problems(BASE.replace("  oai: {type", "  off: {type: openai}\n  oai: {type"))
+    assert problem.startswith("providers: key False is not a string")
