@@ -13,7 +13,17 @@ if TYPE_CHECKING:
 
 
 class RequestContext:
-    __slots__ = ("body", "deployment", "operation", "policy", "request_id", "responded", "started", "status")
+    __slots__ = (
+        "body",
+        "deployment",
+        "model",
+        "operation",
+        "policy",
+        "request_id",
+        "responded",
+        "started",
+        "status",
+    )
 
     def __init__(self, request_id: bytes, started: float) -> None:
         self.request_id = request_id
@@ -21,6 +31,7 @@ class RequestContext:
         self.policy: Policy | None = None
         self.operation: Operation | None = None
         self.body: dict[str, Any] = {}
+        self.model = ""  # the alias the client asked for (adapters rewrite body["model"])
         self.responded = False  # the response head has gone out: errors can no longer be sent whole
         self.status = 0
         self.deployment = ""  # provider/model the request went to, for the access log

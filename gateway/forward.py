@@ -16,8 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
 from gateway.context import RequestContext
 from gateway.errors import (
     GatewayError,
@@ -35,6 +33,7 @@ log = logging.getLogger("gateway.forward")
 # Upstream response headers worth relaying; the rest (hop-by-hop, cookies, the
 # provider account's own rate limits and organisation) stay behind.
 _RELAYED = frozenset({b"content-type", b"content-length", b"openai-processing-ms", b"openai-version"})
+_SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
 _ERROR_BODY_LIMIT = 65536
 
 
@@ -54,7 +53,7 @@ class Forward:
         self.routes = routes
 
     def resolve(self, ctx: RequestContext) -> Route:
-        alias = ctx.body["model"]
+        alias = ctx.model
         route = self.routes.get(alias)
         if route is None or ctx.policy is None:
             raise NotFound(
@@ -121,14 +120,15 @@ class Forward:
         op = ctx.operation
         assert op is not None
         adapter = route.adapter
-        payload = adapter.encode_body(op, ctx.body, route.model)
-        sent = time.perf_counter()
         try:
+            payload = adapter.encode_body(op, ctx.body, route.model)
+            sent = time.perf_counter()
             response = await route.pool.request(
                 b"POST", adapter.target(op, route.model), adapter.request_headers, payload
             )
         except GatewayError as exc:
-            log.warning("upstream %s failed: %s", adapter.name, exc.message)
+            if isinstance(exc, UpstreamError):
+                log.warning("upstream %s failed: %s", adapter.name, exc.message)
             await ctx.send_error(send, exc)
             return
         waited = time.perf_counter() - sent
@@ -136,14 +136,26 @@ class Forward:
             if response.status >= 400:
                 await self.relay_error(ctx, adapter, response, send)
             else:
-                await self.relay(ctx, response, send, waited)
+                await self.relay(ctx, adapter, response, send, waited)
         finally:
             await response.aclose()
 
-    async def relay(self, ctx: RequestContext, response: UpstreamResponse, send: Send, waited: float) -> None:
+    async def relay(
+        self, ctx: RequestContext, adapter: Adapter, response: UpstreamResponse, send: Send, waited: float
+    ) -> None:
+        op = ctx.operation
+        assert op is not None
         headers = [(k, v) for k, v in response.headers if k in _RELAYED]
-        length = next((int(v) for k, v in headers if k == b"content-length"), None)
-        body = await response.read() if length is not None else None
+        translator = adapter.stream_translator(op, ctx.body) if ctx.body.get("stream") is True else None
+        body = None
+        if translator is not None:
+            headers = list(_SSE_HEADERS)
+        elif any(k == b"content-length" for k, _ in headers):
+            body = await response.read()
+            translated = adapter.translate_response(op, body)
+            if translated is not None:
+                body = translated
+                headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
         headers += ctx.headers()
         headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
@@ -155,13 +167,17 @@ class Forward:
             return
         try:
             async for chunk in response:
+                if translator is not None:
+                    chunk = translator.feed(chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             # Too late for a status code: end the stream with an error event the SDKs raise.
             log.warning("upstream stream broke: %s", exc.message)
             await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
             return
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": translator.finish() if translator else b""})
 
     async def relay_error(
         self, ctx: RequestContext, adapter: Adapter, response: UpstreamResponse, send: Send
@@ -175,21 +191,11 @@ class Forward:
         key = adapter.config.api_key.encode()
         if key:
             raw = raw.replace(key, b"***")
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            body = raw
-        else:
-            text = raw[:500].decode("utf-8", "replace").strip() or f"HTTP {response.status}"
-            body = UpstreamError(
-                f"Upstream provider '{adapter.name}' answered {response.status}: {text}"
-            ).body()
+        status, body = adapter.translate_error(response.status, raw)
         ctx.responded = True
-        ctx.status = response.status
+        ctx.status = status
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         headers += [(k, v) for k, v in response.headers if k == b"retry-after"]
         headers += ctx.headers()
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -36,7 +36,7 @@ class AccessLogMiddleware:
                     "path": scope["path"],
                     "status": ctx.status,
                     "key": ctx.policy.name if ctx.policy else None,
-                    "model": ctx.body.get("model"),
+                    "model": ctx.model or None,
                     "deployment": ctx.deployment or None,
                     "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
                 }

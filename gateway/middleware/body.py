@@ -80,6 +80,7 @@ class BodyMiddleware:
             if raw is None:  # the client went away while sending
                 return
             ctx.body = parse(raw, op)
+            ctx.model = ctx.body["model"]
         except GatewayError as exc:
             await ctx.send_error(send, exc)
             return

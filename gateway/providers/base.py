@@ -4,7 +4,9 @@ An adapter turns a client's OpenAI-shaped request into the upstream's request
 (URL path, auth headers, body) and declares what the provider can do. The
 OpenAI-compatible family needs no response translation: bytes are relayed as
 they come. Translating providers (Anthropic, Cohere) override the response
-hooks.
+hooks: `translate_response` for a whole JSON answer, `stream_translator` for a
+stream (fed upstream bytes as they arrive, it returns OpenAI SSE bytes), and
+`translate_error` for error answers.
 """
 
 from __future__ import annotations
@@ -71,6 +73,34 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
         return capability in (self.default_capabilities if self.capabilities is None else self.capabilities)
 
 
+class StreamTranslator(abc.ABC):
+    """Turns one upstream event stream into OpenAI `chat.completion.chunk` SSE events, incrementally.
+
+    Never buffers the stream: each `feed` returns what the bytes so far complete.
+    """
+
+    @abc.abstractmethod
+    def feed(self, data: bytes) -> bytes:
+        """Upstream bytes in (split anywhere), OpenAI SSE bytes out (may be empty)."""
+
+    @abc.abstractmethod
+    def finish(self) -> bytes:
+        """The upstream stream ended: the last events, then `data: [DONE]` (or an error event)."""
+
+
+def openai_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
+    """An upstream error answer in OpenAI's shape: kept when it already is, wrapped when not."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return status, raw
+    text = raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    error = {"message": f"Upstream provider '{provider}' answered {status}: {text}", "type": "upstream_error"}
+    return status, orjson.dumps({"error": {**error, "param": None, "code": None}})
+
+
 class Adapter(abc.ABC):
     """Builds upstream requests for one configured provider.
 
@@ -97,6 +127,21 @@ class Adapter(abc.ABC):
         """The request-target for `op` (path and query)."""
 
     def encode_body(self, op: Operation, body: dict[str, Any], upstream_model: str) -> bytes:
-        """The upstream body; the client's alias is replaced by the deployment's model."""
+        """The upstream body; the client's alias is replaced by the deployment's model.
+
+        Raises InvalidRequest for a parameter the provider cannot honour.
+        """
         body["model"] = upstream_model
         return orjson.dumps(body)
+
+    def translate_response(self, op: Operation, body: bytes) -> bytes | None:
+        """A successful JSON answer in OpenAI's shape, or None to relay the upstream bytes as they are."""
+        return None
+
+    def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
+        """A translator for this request's stream, or None to relay the upstream bytes as they are."""
+        return None
+
+    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
+        """An upstream error answer (provider key already masked) as (status, OpenAI error JSON)."""
+        return openai_error(status, raw, self.name)

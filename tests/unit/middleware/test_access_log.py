@@ -15,7 +15,7 @@ from tests.unit.asgi import call, scope
 def test_one_json_line_per_request_with_context(caplog: pytest.LogCaptureFixture) -> None:
     async def app(s: Any, receive: Any, send: Any) -> None:
         ctx = s["gateway"]
-        ctx.body = {"model": "gpt-mini"}
+        ctx.model = "gpt-mini"
         ctx.deployment = "oai/gpt-4o-mini"
         await ctx.send_error(send, AuthenticationError("no"))
 
