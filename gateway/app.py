@@ -30,7 +30,7 @@ from gateway.middleware.access_log import AccessLogMiddleware
 from gateway.middleware.auth import AuthMiddleware, KeyTable
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
-from gateway.providers import Operation, build_adapter
+from gateway.providers import Operation, Target, build_adapter
 from gateway.store import Store, StoreError, store_from_url
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
@@ -93,7 +93,7 @@ class Gateway:
             for dep in model.deployments:
                 if dep.provider in adapters:
                     self.routes[model.name] = Route(
-                        adapters[dep.provider], self.pools[dep.provider], dep.model
+                        adapters[dep.provider], self.pools[dep.provider], Target(dep.model, dep.params)
                     )
                     break
             else:

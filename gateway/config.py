@@ -67,6 +67,7 @@ class Deployment(Struct):
     provider: str
     model: str
     limits: Limits = Limits()
+    params: dict[str, Any] = {}  # provider-specific, e.g. cohere's input_type
 
 
 class ModelConfig(Struct):

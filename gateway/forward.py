@@ -24,7 +24,7 @@ from gateway.errors import (
     UnsupportedOperation,
     UpstreamError,
 )
-from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
+from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability, Target
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamPool, UpstreamResponse
 
@@ -40,12 +40,12 @@ _ERROR_BODY_LIMIT = 65536
 class Route:
     """One deployment of an alias: where to send it and as which model."""
 
-    __slots__ = ("adapter", "model", "pool")
+    __slots__ = ("adapter", "pool", "target")
 
-    def __init__(self, adapter: Adapter, pool: UpstreamPool, model: str) -> None:
+    def __init__(self, adapter: Adapter, pool: UpstreamPool, target: Target) -> None:
         self.adapter = adapter
         self.pool = pool
-        self.model = model
+        self.target = target
 
 
 class Forward:
@@ -78,7 +78,7 @@ class Forward:
                     f"`{alias}` does not support {capability.value}.",
                     param="model",
                 )
-        ctx.deployment = f"{route.adapter.name}/{route.model}"
+        ctx.deployment = f"{route.adapter.name}/{route.target.model}"
         return route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,10 +121,10 @@ class Forward:
         assert op is not None
         adapter = route.adapter
         try:
-            payload = adapter.encode_body(op, ctx.body, route.model)
+            payload = adapter.encode_body(op, ctx.body, route.target)
             sent = time.perf_counter()
             response = await route.pool.request(
-                b"POST", adapter.target(op, route.model), adapter.request_headers, payload
+                b"POST", adapter.target(op, route.target), adapter.request_headers, payload
             )
         except GatewayError as exc:
             if isinstance(exc, UpstreamError):

@@ -166,7 +166,13 @@ class _Reset(Exception):
 
 
 class MockOpenAI:
-    """The server; use as a context manager or call `start()` / `stop()`."""
+    """The server; use as a context manager or call `start()` / `stop()`.
+
+    Other providers' mocks subclass it and its `Connection`, overriding
+    `Connection.check_auth`, `Connection.error_body` and `Connection.route`.
+    """
+
+    connection_class: type[Connection]
 
     def __init__(self, api_key: str = DEFAULT_API_KEY, host: str = "127.0.0.1") -> None:
         self.api_key = api_key
@@ -275,7 +281,7 @@ class MockOpenAI:
         self._tasks.add(task)
         self.connections += 1
         try:
-            await _Connection(self, reader, writer).run()
+            await self.connection_class(self, reader, writer).run()
         except asyncio.CancelledError:
             pass
         finally:
@@ -303,7 +309,7 @@ class MockOpenAI:
             return self._counter
 
 
-class _Connection:
+class Connection:
     """One client connection: keep-alive request cycles until either side closes."""
 
     def __init__(self, mock: MockOpenAI, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -409,19 +415,30 @@ class _Connection:
             if behaviour.delay_head:
                 await self._wait_gone(behaviour.delay_head)
 
-        if request.header("authorization") != f"Bearer {self.mock.api_key}":
-            missing = request.header("authorization") is None
-            fields = {"message": _NO_KEY, "code": None} if missing else {}
-            await self._send_json(401, _error_body(401, fields))
-        elif behaviour is not None and behaviour.status >= 400:
-            body = behaviour.body or _error_body(behaviour.status, behaviour.error or {})
+        if not await self.check_auth(request):
+            return
+        if behaviour is not None and behaviour.status >= 400:
+            body = behaviour.body or self.error_body(behaviour.status, behaviour.error or {})
             await self._send_json(behaviour.status, body, behaviour.headers)
         elif behaviour is not None and behaviour.body is not None:
             await self._send_json(behaviour.status, behaviour.body, behaviour.headers)
         else:
-            await self._route(request, payload, behaviour)
+            await self.route(request, payload, behaviour)
 
-    async def _route(self, request: RecordedRequest, payload: Any, behaviour: Behaviour | None) -> None:
+    async def check_auth(self, request: RecordedRequest) -> bool:
+        """Answer 401 as the provider does when the credential is missing or wrong."""
+        if request.header("authorization") == f"Bearer {self.mock.api_key}":
+            return True
+        missing = request.header("authorization") is None
+        fields = {"message": _NO_KEY, "code": None} if missing else {}
+        await self._send_json(401, _error_body(401, fields))
+        return False
+
+    def error_body(self, status: int, fields: dict[str, Any]) -> bytes:
+        """The provider's error body for `status`, with `fields` overriding the defaults."""
+        return _error_body(status, fields)
+
+    async def route(self, request: RecordedRequest, payload: Any, behaviour: Behaviour | None) -> None:
         method, path = request.method, request.path
         routes = {
             "/v1/chat/completions": _chat,
@@ -818,3 +835,6 @@ def _images(payload: dict[str, Any], behaviour: Behaviour | None, created: int, 
 
 def _model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 1700000000, "owned_by": "mock"}
+
+
+MockOpenAI.connection_class = Connection

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from typing import Union
 
-from gateway.providers.base import OPERATION_CAPABILITY, Adapter, Capability, Operation, ProviderConfig
-from gateway.providers.openai import CONFIGS as OPENAI_FAMILY
-from gateway.providers.openai import OpenAIAdapter
+from gateway.providers import anthropic, azure, cohere, openai
+from gateway.providers.base import (
+    OPERATION_CAPABILITY,
+    Adapter,
+    Capability,
+    Operation,
+    ProviderConfig,
+    StreamTranslator,
+    Target,
+)
 
-ADAPTERS: dict[type[ProviderConfig], type[Adapter]] = {kind: OpenAIAdapter for kind in OPENAI_FAMILY}
+# One entry per provider kind: its config struct (tagged by `type`) -> its adapter class.
+ADAPTERS: dict[type[ProviderConfig], type[Adapter]] = {
+    **openai.ADAPTERS,
+    **azure.ADAPTERS,
+    **anthropic.ADAPTERS,
+    **cohere.ADAPTERS,
+}
 
 # msgspec decodes `providers.<name>` straight into the subclass named by `type`.
 AnyProvider = Union[tuple(ADAPTERS)]  # type: ignore[valid-type]  # noqa: UP007
@@ -29,5 +42,7 @@ __all__ = [
     "Capability",
     "Operation",
     "ProviderConfig",
+    "StreamTranslator",
+    "Target",
     "build_adapter",
 ]

@@ -47,6 +47,13 @@ OPERATION_CAPABILITY = {
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 
 
+class Target(msgspec.Struct, frozen=True):
+    """Where one deployment sends work: the upstream model and its provider-specific params."""
+
+    model: str
+    params: dict[str, Any] = {}
+
+
 class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
     """Fields every provider kind accepts; each kind is a tagged subclass (`type: openai`)."""
 
@@ -55,6 +62,8 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     max_connections: PositiveInt = 100
     # Narrows (or, for self-hosted servers, declares) what this provider can do.
     capabilities: frozenset[Capability] | None = None
+    # Sent with every request, e.g. OpenRouter's HTTP-Referer and X-Title.
+    headers: dict[str, str] = {}
 
     # Filled in by each kind.
     default_base_url: ClassVar[str] = ""
@@ -116,6 +125,7 @@ class Adapter(abc.ABC):
         self.request_headers: list[tuple[bytes, bytes]] = [
             (b"content-type", b"application/json"),
             *self.build_auth_headers(),
+            *((k.lower().encode(), v.encode()) for k, v in config.headers.items()),
         ]
 
     @abc.abstractmethod
@@ -123,15 +133,15 @@ class Adapter(abc.ABC):
         """The provider credential as request headers, built once."""
 
     @abc.abstractmethod
-    def target(self, op: Operation, upstream_model: str) -> bytes:
+    def target(self, op: Operation, target: Target) -> bytes:
         """The request-target for `op` (path and query)."""
 
-    def encode_body(self, op: Operation, body: dict[str, Any], upstream_model: str) -> bytes:
+    def encode_body(self, op: Operation, body: dict[str, Any], target: Target) -> bytes:
         """The upstream body; the client's alias is replaced by the deployment's model.
 
         Raises InvalidRequest for a parameter the provider cannot honour.
         """
-        body["model"] = upstream_model
+        body["model"] = target.model
         return orjson.dumps(body)
 
     def translate_response(self, op: Operation, body: bytes) -> bytes | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from gateway.providers.base import Adapter, Capability, Operation, ProviderConfig
+from gateway.providers.base import Adapter, Capability, Operation, ProviderConfig, Target
 
 C = Capability
 ALL = frozenset(Capability)
@@ -56,15 +56,18 @@ class OpenAIAdapter(Adapter):
             return []
         return [(b"authorization", b"Bearer " + self.config.api_key.encode())]
 
-    def target(self, op: Operation, upstream_model: str) -> bytes:
+    def target(self, op: Operation, target: Target) -> bytes:
         return f"{self.base_path}/{op.value}".encode()
 
 
-CONFIGS: tuple[type[ProviderConfig], ...] = (
-    OpenAIConfig,
-    PerplexityConfig,
-    GrokConfig,
-    BlackboxConfig,
-    OpenRouterConfig,
-    OpenAICompatibleConfig,
-)
+ADAPTERS: dict[type[ProviderConfig], type[Adapter]] = {
+    kind: OpenAIAdapter
+    for kind in (
+        OpenAIConfig,
+        PerplexityConfig,
+        GrokConfig,
+        BlackboxConfig,
+        OpenRouterConfig,
+        OpenAICompatibleConfig,
+    )
+}

@@ -188,6 +188,8 @@ class UpstreamPool:
                     f"could not connect to the upstream ({type(exc).__name__})"
                 ) from exc
             raise
+        if conn.closed:  # the upstream hung up at once (which freed the slot already)
+            raise UpstreamConnectError("upstream closed the connection on connect")
         self._conns.add(conn)
         if self._closed:
             conn.close()

@@ -24,7 +24,7 @@ import pytest
 import gateway.upstream
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.upstream import Timeouts, UpstreamPool, UpstreamResponse
-from gateway.upstream.connection import HIGH_WATER
+from gateway.upstream.connection import HIGH_WATER, Connection
 
 pytestmark = pytest.mark.anyio
 
@@ -479,6 +479,37 @@ async def test_connect_refused() -> None:
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
     assert pool.in_use == 0
     await pool.aclose()
+
+
+async def test_upstream_that_hangs_up_on_accept() -> None:
+    async def hang_up(reader: Reader, writer: Writer) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeouts=FAST)
+    for _ in range(4):  # whether the hang-up is seen before or after the request was written
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await get(pool)
+        assert pool.in_use == 0
+    await pool.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_connection_lost_before_the_first_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = Connection.connection_made
+
+    def made_then_lost(self: Connection, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        transport.close()  # as if the upstream hung up before create_connection returned
+
+    monkeypatch.setattr(Connection, "connection_made", made_then_lost)
+    async with harness() as (up, pool):
+        with pytest.raises(UpstreamConnectError, match="closed the connection on connect"):
+            await get(pool)
+        assert pool.in_use == 0
+        monkeypatch.undo()
+        await assert_capacity(up, pool)
 
 
 async def test_drop_after_the_request_was_written_is_not_resent() -> None:
