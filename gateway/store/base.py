@@ -152,6 +152,24 @@ class Store(ABC):
         window is fixed by its first increment. A non-integer value raises `StoreError`.
         """
 
+    # -- hashes ------------------------------------------------------------
+
+    @abstractmethod
+    async def hset(self, key: str, field: str, value: bytes) -> None:
+        """Set `field` of the hash at `key` (created when missing)."""
+
+    @abstractmethod
+    async def hget(self, key: str, field: str) -> bytes | None:
+        """One field of the hash at `key`, or None."""
+
+    @abstractmethod
+    async def hdel(self, key: str, field: str) -> bool:
+        """Remove `field`; returns whether it existed. An emptied hash disappears."""
+
+    @abstractmethod
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        """Every field of the hash at `key` ({} when missing)."""
+
     # -- scripts -----------------------------------------------------------
 
     @abstractmethod
@@ -172,8 +190,11 @@ class Store(ABC):
     # -- pub/sub -----------------------------------------------------------
 
     @abstractmethod
-    async def publish(self, channel: str, message: bytes) -> None:
-        """Send `message` to every current subscriber of `channel`, on any replica."""
+    async def publish(self, channel: str, message: bytes) -> int:
+        """Send `message` to every current subscriber of `channel`, on any replica.
+
+        Returns how many subscriptions received it (Redis counts one per subscribed connection).
+        """
 
     @abstractmethod
     async def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> Subscription:

@@ -35,6 +35,7 @@ from gateway.store.base import (
 _SWEEP_BUDGET = 64
 # Redis integers are signed 64-bit; INCRBY past that is an error there.
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 
 class Keyspace:
@@ -42,7 +43,7 @@ class Keyspace:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._values: dict[str, bytes] = {}
+        self._values: dict[str, bytes | dict[str, bytes]] = {}  # a dict is a Redis hash
         self._deadlines: dict[str, float] = {}
         # (deadline, key) entries; one goes stale when its key's deadline changes
         # and is skipped when popped. Rebuilt when stale entries dominate.
@@ -54,12 +55,27 @@ class Keyspace:
     def time(self) -> float:
         return self._clock()
 
-    def get(self, key: str) -> bytes | None:
+    def _live(self, key: str) -> bytes | dict[str, bytes] | None:
         deadline = self._deadlines.get(key)
         if deadline is not None and deadline <= self._clock():
             self._drop(key)
             return None
         return self._values.get(key)
+
+    def get(self, key: str) -> bytes | None:
+        value = self._live(key)
+        if isinstance(value, dict):
+            raise StoreError(_WRONGTYPE)
+        return value
+
+    def hash(self, key: str, *, create: bool = False) -> dict[str, bytes] | None:
+        """The hash at `key` (made empty when missing and `create`); a string there is WRONGTYPE."""
+        value = self._live(key)
+        if value is None and create:
+            value = self._values[key] = {}
+        elif value is not None and not isinstance(value, dict):
+            raise StoreError(_WRONGTYPE)
+        return value
 
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         self._values[key] = value
@@ -77,7 +93,7 @@ class Keyspace:
         return value
 
     def expire(self, key: str, ttl_s: float) -> None:
-        if self.get(key) is None:
+        if self._live(key) is None:
             return
         if ttl_s <= 0:
             self._drop(key)  # as PEXPIRE with a non-positive time
@@ -85,13 +101,13 @@ class Keyspace:
             self._set_deadline(key, self._clock() + ttl_s)
 
     def ttl(self, key: str) -> float | None:
-        if self.get(key) is None:
+        if self._live(key) is None:
             return None
         deadline = self._deadlines.get(key)
         return None if deadline is None else deadline - self._clock()
 
     def delete(self, key: str) -> bool:
-        if self.get(key) is None:
+        if self._live(key) is None:
             return False
         self._drop(key)
         return True
@@ -168,6 +184,32 @@ class MemoryStore(Store):
         count: int = await self.run(INCR_WITH_TTL, [key], [amount, ttl_ms(ttl_s)])
         return count
 
+    # -- hashes ------------------------------------------------------------
+
+    async def hset(self, key: str, field: str, value: bytes) -> None:
+        self._keys.sweep()
+        hash_ = self._keys.hash(key, create=True)
+        assert hash_ is not None
+        hash_[field] = value
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        self._keys.sweep()
+        hash_ = self._keys.hash(key)
+        return None if hash_ is None else hash_.get(field)
+
+    async def hdel(self, key: str, field: str) -> bool:
+        self._keys.sweep()
+        hash_ = self._keys.hash(key)
+        if hash_ is None or hash_.pop(field, None) is None:
+            return False
+        if not hash_:
+            self._keys.delete(key)  # as Redis: an emptied hash is no key at all
+        return True
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        self._keys.sweep()
+        return dict(self._keys.hash(key) or {})
+
     # -- scripts -----------------------------------------------------------
 
     async def register(self, *scripts: Script) -> None:
@@ -188,12 +230,14 @@ class MemoryStore(Store):
 
     # -- pub/sub -----------------------------------------------------------
 
-    async def publish(self, channel: str, message: bytes) -> None:
+    async def publish(self, channel: str, message: bytes) -> int:
         subscriptions = self._channels.get(channel)
-        if subscriptions:
-            # Delivered from the event loop after publish returns, as from Redis:
-            # the publisher never runs subscriber code, and call_soon keeps order.
-            asyncio.get_running_loop().call_soon(_deliver_all, tuple(subscriptions), channel, message)
+        if not subscriptions:
+            return 0
+        # Delivered from the event loop after publish returns, as from Redis:
+        # the publisher never runs subscriber code, and call_soon keeps order.
+        asyncio.get_running_loop().call_soon(_deliver_all, tuple(subscriptions), channel, message)
+        return len(subscriptions)
 
     async def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> Subscription:
         subscription = _MemorySubscription(self._channels, channel, handler)

@@ -167,6 +167,34 @@ class RedisStore(Store):
             raise self._error("INCRBY", exc) from exc
         return count
 
+    # -- hashes ------------------------------------------------------------
+
+    async def hset(self, key: str, field: str, value: bytes) -> None:
+        try:
+            await self._client.hset(key, field, value)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("HSET", exc) from exc
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        try:
+            value = await self._client.hget(key, field)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("HGET", exc) from exc
+        return cast("bytes | None", value)
+
+    async def hdel(self, key: str, field: str) -> bool:
+        try:
+            return bool(await self._client.hdel(key, field))
+        except _DRIVER_ERRORS as exc:
+            raise self._error("HDEL", exc) from exc
+
+    async def hgetall(self, key: str) -> dict[str, bytes]:
+        try:
+            reply = await self._client.hgetall(key)
+        except _DRIVER_ERRORS as exc:
+            raise self._error("HGETALL", exc) from exc
+        return {field.decode(): value for field, value in reply.items()}
+
     # -- scripts -----------------------------------------------------------
 
     async def register(self, *scripts: Script) -> None:
@@ -197,11 +225,12 @@ class RedisStore(Store):
 
     # -- pub/sub -----------------------------------------------------------
 
-    async def publish(self, channel: str, message: bytes) -> None:
+    async def publish(self, channel: str, message: bytes) -> int:
         try:
-            await self._client.publish(channel, message)
+            receivers: int = await self._client.publish(channel, message)
         except _DRIVER_ERRORS as exc:
             raise self._error("PUBLISH", exc) from exc
+        return receivers
 
     async def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> Subscription:
         """Subscribe, waiting up to `timeout_s` for Redis to confirm (else `StoreError`)."""

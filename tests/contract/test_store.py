@@ -191,7 +191,39 @@ class TestScripts:
 
 
 @all_stores
+class TestHashes:
+    async def test_set_get_all_and_delete(self, store: Store) -> None:
+        assert await store.hgetall("h") == {} and await store.hget("h", "a") is None
+        await store.hset("h", "a", b"1")
+        await store.hset("h", "b", b"\x00two")
+        await store.hset("h", "a", b"one")
+        assert await store.hget("h", "a") == b"one"
+        assert await store.hgetall("h") == {"a": b"one", "b": b"\x00two"}
+        assert await store.hdel("h", "a") is True
+        assert await store.hdel("h", "a") is False
+        assert await store.hdel("h", "b") is True
+        assert await store.delete("h") == 0  # an emptied hash is gone
+
+    async def test_wrong_type_is_store_error(self, store: Store) -> None:
+        await store.set("s", b"x")
+        with pytest.raises(StoreError):
+            await store.hset("s", "f", b"v")
+        await store.hset("h", "f", b"v")
+        with pytest.raises(StoreError):
+            await store.get("h")
+        assert await store.delete("h") == 1
+
+
+@all_stores
 class TestPubSub:
+    async def test_publish_counts_receivers(self, store: Store) -> None:
+        assert await store.publish("nobody", b"x") == 0
+        first = await store.subscribe("counted", lambda m: None)
+        second = await store.subscribe("counted", lambda m: None)
+        assert await store.publish("counted", b"x") >= 1
+        await first.aclose()
+        await second.aclose()
+
     async def test_messages_arrive_in_order(self, store: Store) -> None:
         received: list[bytes] = []
         subscription = await store.subscribe("events", received.append)
