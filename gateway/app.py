@@ -1,7 +1,7 @@
 """build_app(config): the middleware stack folded around the forwarding app.
 
-    AccessLog -> RequestId -> Auth -> Body -> HotRoutes -> Forward           (POST /v1/<operation>)
-                                                        -> Starlette routes  (/v1/models, /healthz, /readyz)
+    AccessLog -> RequestId -> [CORS] -> Auth -> Body -> HotRoutes -> Forward   (POST /v1/<operation>)
+                                                              -> Starlette   (/v1/models, /admin, health)
 
 The few hot routes are dispatched by one dict lookup before any general
 router; Starlette serves the rest and runs the lifespan (pools, store).
@@ -17,17 +17,20 @@ from collections.abc import AsyncIterator, Mapping
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
 from gateway import config as config_module
 from gateway import logs
+from gateway.admin import AdminAPI
 from gateway.config import Config
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, ServerError, ServiceUnavailable
+from gateway.errors import MethodNotAllowed, NotFound, ServerError, ServiceUnavailable, error_response
 from gateway.forward import Forward, Route
+from gateway.keys import KeyStore
 from gateway.middleware.access_log import AccessLogMiddleware
-from gateway.middleware.auth import AuthMiddleware, KeyTable
+from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.providers import Operation, Target, build_adapter
@@ -38,7 +41,6 @@ from gateway.upstream import Timeouts, UpstreamPool
 log = logging.getLogger("gateway")
 
 HOT_ROUTES: dict[str, Operation] = {f"/v1/{op.value}": op for op in Operation}
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class HotRoutes:
@@ -51,21 +53,17 @@ class HotRoutes:
         await app(scope, receive, send)
 
 
-def _error_response(exc: GatewayError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type="application/json")
-
-
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return _error_response(
+        return error_response(
             MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
         )
-    return _error_response(NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
+    return error_response(NotFound(f"Unknown request URL: {request.method} {request.url.path}."))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return _error_response(ServerError("The server had an error processing your request."))
+    return error_response(ServerError("The server had an error processing your request."))
 
 
 class Gateway:
@@ -81,10 +79,16 @@ class Gateway:
         timeouts = Timeouts(
             connect_s=t.connect_s, first_byte_s=t.first_byte_s, idle_s=t.idle_s, total_s=t.total_s
         )
+        secret = config.auth.hash_secret.encode() or os.urandom(32)
         self.pools: dict[str, UpstreamPool] = {}
         adapters = {}
         for name, provider in config.enabled_providers().items():
-            pool = UpstreamPool(provider.url, max_connections=provider.max_connections, timeouts=timeouts)
+            pool = UpstreamPool(
+                provider.url,
+                max_connections=provider.max_connections,
+                timeouts=timeouts,
+                keepalive_expiry_s=provider.keepalive_s,
+            )
             self.pools[name] = pool
             adapters[name] = build_adapter(name, provider, pool.base_path)
         # For now an alias goes to its first deployment on an enabled provider.
@@ -99,7 +103,9 @@ class Gateway:
             else:
                 log.warning("model %s has no deployment on an enabled provider: not served", model.name)
 
+        self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
         routes = [
+            *AdminAPI(config.auth.admin_key, self.keys).routes(),
             StarletteRoute("/healthz", self.healthz),
             StarletteRoute("/readyz", self.readyz),
             StarletteRoute("/v1/models", self.list_models),
@@ -113,8 +119,19 @@ class Gateway:
         forward = Forward(self.routes)
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
-        keys = KeyTable(config.auth.keys, self.routes)
-        app = AuthMiddleware(app, keys=keys, public_paths=PUBLIC_PATHS)
+        app = AuthMiddleware(app, keys=self.keys)
+        cors = config.cors
+        if cors.allow_origins:
+            # Outside auth: a preflight carries no credential and must not need one.
+            app = CORSMiddleware(
+                app,
+                allow_origins=cors.allow_origins,
+                allow_methods=cors.allow_methods,
+                allow_headers=cors.allow_headers,
+                expose_headers=cors.expose_headers,
+                allow_credentials=cors.allow_credentials,
+                max_age=cors.max_age_s,
+            )
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
         self.app = AccessLogMiddleware(app) if config.server.access_log else app
 
@@ -127,10 +144,12 @@ class Gateway:
             await self.store.ping()
         except StoreError as exc:
             log.warning("store is not reachable at start: %s", exc)
+        await self.keys.start()
         log.info("gateway ready: %d models, %d providers", len(self.routes), len(self.pools))
         try:
             yield
         finally:
+            await self.keys.aclose()
             for pool in self.pools.values():
                 await pool.aclose()
             await self.store.aclose()
@@ -142,7 +161,7 @@ class Gateway:
         try:
             await self.store.ping()
         except StoreError as exc:
-            return _error_response(ServiceUnavailable(f"store unreachable: {exc}"))
+            return error_response(ServiceUnavailable(f"store unreachable: {exc}"))
         return JSONResponse({"status": "ready", "models": len(self.routes)})
 
     def _model(self, alias: str) -> dict[str, object]:
@@ -156,7 +175,7 @@ class Gateway:
     async def get_model(self, request: Request) -> Response:
         alias = request.path_params["model"]
         if alias not in self.routes or alias not in request.scope["gateway"].policy.models:
-            return _error_response(
+            return error_response(
                 NotFound(
                     f"The model `{alias}` does not exist or you do not have access to it.",
                     code="model_not_found",

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gateway import admin_cli
 from gateway import config as config_module
 
 
@@ -80,5 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a config file and print its problems")
     p.add_argument("path")
     p.set_defaults(run=check_config)
+    admin_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.run(args))

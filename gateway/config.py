@@ -60,6 +60,8 @@ class KeyConfig(Struct):
 
 class AuthConfig(Struct):
     admin_key: str = ""
+    # Keys are stored as HMAC-SHA256 under this secret; replicas sharing a store must share it.
+    hash_secret: str = ""
     keys: list[KeyConfig] = []
 
 
@@ -98,19 +100,35 @@ class RouterConfig(Struct):
     timeouts: Timeouts = Timeouts()
 
 
+class CorsConfig(Struct):
+    """Browser clients: off unless `allow_origins` lists some (Starlette's CORSMiddleware)."""
+
+    allow_origins: list[str] = []
+    allow_methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
+    allow_headers: list[str] = msgspec.field(
+        default_factory=lambda: ["authorization", "content-type", "x-api-key", "x-request-id"]
+    )
+    expose_headers: list[str] = msgspec.field(
+        default_factory=lambda: ["x-request-id", "x-gateway-overhead-ms"]
+    )
+    allow_credentials: bool = False
+    max_age_s: Annotated[int, msgspec.Meta(ge=0)] = 600
+
+
 class Config(Struct):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
     auth: AuthConfig = AuthConfig()
     providers: dict[str, AnyProvider] = {}
     models: list[ModelConfig] = []
+    cors: CorsConfig = CorsConfig()
     cache: CacheConfig = CacheConfig()
     breaker: BreakerConfig = BreakerConfig()
     router: RouterConfig = RouterConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log masker."""
-        values = [self.auth.admin_key, *(k.key for k in self.auth.keys)]
+        values = [self.auth.admin_key, self.auth.hash_secret, *(k.key for k in self.auth.keys)]
         values += [p.api_key for p in self.providers.values()]
         return [v for v in values if v]
 
@@ -183,6 +201,16 @@ def _cross_check(config: Config) -> list[str]:
         secrets.add(key.key)
     if config.auth.admin_key and len(config.auth.admin_key) < MIN_KEY_CHARS:
         problems.append(f"auth.admin_key: shorter than {MIN_KEY_CHARS} characters")
+    if config.auth.hash_secret and len(config.auth.hash_secret) < 32:
+        problems.append("auth.hash_secret: shorter than 32 characters")
+    if "*" in config.cors.allow_origins and config.cors.allow_credentials:
+        problems.append("cors.allow_origins: '*' cannot be used with allow_credentials; list the origins")
+    shared = not config.store.url.startswith("memory://")
+    if shared and config.auth.admin_key and not config.auth.hash_secret:
+        problems.append(
+            "auth.hash_secret: required with a shared store and the admin API "
+            "(every replica must derive the same key digests)"
+        )
     return problems
 
 

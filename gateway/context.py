@@ -8,7 +8,7 @@ from gateway.errors import GatewayError
 from gateway.types import Send
 
 if TYPE_CHECKING:
-    from gateway.middleware.auth import Policy
+    from gateway.keys import Policy
     from gateway.providers import Operation
 
 
@@ -16,6 +16,7 @@ class RequestContext:
     __slots__ = (
         "body",
         "deployment",
+        "identity",
         "model",
         "operation",
         "policy",
@@ -29,6 +30,7 @@ class RequestContext:
         self.request_id = request_id
         self.started = started  # perf_counter() when the request reached the gateway
         self.policy: Policy | None = None
+        self.identity = ""  # who is calling, for the access log: a key's name, or "admin"
         self.operation: Operation | None = None
         self.body: dict[str, Any] = {}
         self.model = ""  # the alias the client asked for (adapters rewrite body["model"])

@@ -22,6 +22,7 @@ layer (middleware, forward, Starlette routes) answers alike.
 from __future__ import annotations
 
 import orjson
+from starlette.responses import Response
 
 from gateway.types import Headers
 
@@ -121,3 +122,8 @@ class ServiceUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+def error_response(exc: GatewayError) -> Response:
+    """`exc` as a Starlette response, for the routes Starlette serves."""
+    return Response(exc.body(), status_code=exc.status, media_type="application/json")

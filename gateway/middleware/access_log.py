@@ -35,7 +35,7 @@ class AccessLogMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": ctx.status,
-                    "key": ctx.policy.name if ctx.policy else None,
+                    "key": ctx.identity or None,
                     "model": ctx.model or None,
                     "deployment": ctx.deployment or None,
                     "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),

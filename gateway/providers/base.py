@@ -60,6 +60,10 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     base_url: str = ""
     api_key: str = ""
     max_connections: PositiveInt = 100
+    # Idle pooled connections are dropped sooner than the upstream's own idle timeout
+    # (uvicorn-based servers such as vLLM close after 5 s), so a request is never
+    # written onto a connection the upstream is closing.
+    keepalive_s: Annotated[float, msgspec.Meta(gt=0)] = 4.0
     # Narrows (or, for self-hosted servers, declares) what this provider can do.
     capabilities: frozenset[Capability] | None = None
     # Sent with every request, e.g. OpenRouter's HTTP-Referer and X-Title.

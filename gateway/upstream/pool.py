@@ -161,7 +161,7 @@ class UpstreamPool:
                 handed = waiter.result()
                 if handed is None:
                     self._free_slot()
-                else:
+                elif not handed.closed:
                     self._release(handed)
             raise
         finally:

@@ -32,7 +32,8 @@ TEAM_B_KEY = "sk-team-b-e2e-8badf00dcafe1234"
 ADMIN_KEY = "adm-e2e-admin-key-77d2c41a9e"
 UPSTREAM_KEY = "sk-upstream-secret-e2e-4f1c9a2b"
 DEAD_UPSTREAM_KEY = "sk-dead-upstream-secret-e2e-93ab"
-SECRETS = (TEAM_A_KEY, TEAM_B_KEY, ADMIN_KEY, UPSTREAM_KEY, DEAD_UPSTREAM_KEY)
+HASH_SECRET = "e2e-hash-secret-shared-by-replicas-0c4f"
+SECRETS = (TEAM_A_KEY, TEAM_B_KEY, ADMIN_KEY, UPSTREAM_KEY, DEAD_UPSTREAM_KEY, HASH_SECRET)
 
 # The aliases each key may use (team-b's `gpt-*` glob resolved against the config below).
 TEAM_A_MODELS = {"gpt-mini", "emb", "img", "instruct", "gpt-dead"}
@@ -58,6 +59,7 @@ def default_config(
         "store": {"url": store_url},
         "auth": {
             "admin_key": "${GATEWAY_ADMIN_KEY:-" + ADMIN_KEY + "}",
+            "hash_secret": HASH_SECRET,
             "keys": [
                 {"name": "team-a", "key": TEAM_A_KEY, "models": sorted(TEAM_A_MODELS)},
                 {"name": "team-b", "key": TEAM_B_KEY, "models": ["gpt-*"]},

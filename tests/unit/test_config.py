@@ -179,3 +179,20 @@ def test_load_unreadable_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_non_string_keys_are_named() -> None:
     (problem,) = problems(BASE.replace("  oai: {type", "  off: {type: openai}\n  oai: {type"))
     assert problem.startswith("providers: key False is not a string")
+
+
+def test_cors_wildcard_with_credentials_refused() -> None:
+    text = BASE + "cors: {allow_origins: ['*'], allow_credentials: true}\n"
+    assert problems(text) == ["cors.allow_origins: '*' cannot be used with allow_credentials; list the origins"]
+
+
+def test_shared_store_with_admin_api_needs_hash_secret() -> None:
+    text = BASE.replace('url: "memory://"', 'url: "redis://127.0.0.1:6379/0"')
+    assert problems(text) == [
+        "auth.hash_secret: required with a shared store and the admin API "
+        "(every replica must derive the same key digests)"
+    ]
+    text = text.replace("auth:\n", "auth:\n  hash_secret: short\n")
+    assert problems(text) == ["auth.hash_secret: shorter than 32 characters"]
+    config = parse(text.replace("hash_secret: short", "hash_secret: " + "h" * 32), ENV)
+    assert "h" * 32 in config.secrets()

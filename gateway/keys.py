@@ -1,0 +1,233 @@
+"""API keys: minted, hashed, stored, looked up, and kept exact on every replica.
+
+A key is `sk-gw-` + 256 random bits. Only its HMAC-SHA256 under the server's
+`auth.hash_secret` is kept (locally and in the store), so neither a memory dump
+nor the store reveals a key. Every replica holds all records in memory and
+answers a lookup with no store round trip; a change is written to the store,
+then announced on a channel, and the admin call returns once every replica has
+applied it (each acknowledges), so the next request anywhere sees the change.
+
+Store schema (one hash slot, `{auth}`, so it is Redis Cluster-safe):
+    gw:{auth}:keys           hash: key id -> KeyRecord JSON
+    gw:{auth}:events         channel: "<nonce> <key id>" after each change
+    gw:{auth}:ack:<nonce>    counter: replicas that applied that change (expires)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+
+import msgspec
+
+from gateway.config import KeyConfig, Limits
+from gateway.errors import AuthenticationError
+from gateway.store import Store, StoreError, Subscription
+
+log = logging.getLogger("gateway.keys")
+
+KEY_PREFIX = "sk-gw-"
+RECORDS = "gw:{auth}:keys"
+EVENTS = "gw:{auth}:events"
+ACKS = "gw:{auth}:ack:"
+_ACK_WAIT_S = 2.0
+_RESYNC_S = 60.0  # full reload: a safety net for messages lost while the store was unreachable
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    name: str
+    digest: str  # hex HMAC of the secret; never shown by the admin API
+    created_at: float
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    limits: Limits = Limits()
+    budget_usd: float | None = None
+    expires_at: float | None = None
+    enabled: bool = True
+    owner: dict[str, str] = {}
+    previous_digest: str | None = None  # the rotated-out secret, valid until previous_valid_until
+    previous_valid_until: float | None = None
+    source: str = "admin"  # or "config": managed in the config file, read-only here
+
+    def public(self) -> dict[str, object]:
+        """What the admin API shows: everything but digests."""
+        hidden = ("digest", "previous_digest")
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f not in hidden}
+        return msgspec.to_builtins(shown)  # type: ignore[no-any-return]
+
+
+class Policy:
+    """What one credential may do, as the hot path needs it."""
+
+    __slots__ = ("digest", "enabled", "expires_at", "key_id", "limits", "models", "name", "valid_until")
+
+    def __init__(
+        self, record: KeyRecord, digest: bytes, models: frozenset[str], valid_until: float | None = None
+    ) -> None:
+        self.key_id = record.id
+        self.name = record.name
+        self.digest = digest
+        self.models = models  # the aliases this key may use, globs already expanded
+        self.limits = record.limits
+        self.enabled = record.enabled
+        self.expires_at = record.expires_at
+        self.valid_until = valid_until  # set for a rotated-out secret in its grace period
+
+
+_decode_record = msgspec.json.Decoder(KeyRecord).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyStore:
+    def __init__(self, store: Store, hash_secret: bytes, static: Sequence[KeyConfig], aliases: Iterable[str]):
+        self.store = store
+        self._secret = hash_secret
+        self._aliases = list(aliases)
+        self._records: dict[str, KeyRecord] = {}
+        self._by_digest: dict[bytes, Policy] = {}
+        self._static = {r.id: r for r in (self._static_record(k) for k in static)}
+        self._events: asyncio.Queue[bytes] = asyncio.Queue()
+        self._subscription: Subscription | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._rebuild()
+
+    def digest(self, secret: bytes) -> bytes:
+        return hmac.digest(self._secret, secret, "sha256")
+
+    def _static_record(self, key: KeyConfig) -> KeyRecord:
+        return KeyRecord(
+            id=f"cfg-{key.name}",
+            name=key.name,
+            digest=self.digest(key.key.encode()).hex(),
+            created_at=0,
+            models=key.models,
+            limits=key.limits,
+            source="config",
+        )
+
+    def _allowed(self, patterns: Iterable[str]) -> frozenset[str]:
+        return frozenset(a for a in self._aliases if any(fnmatch.fnmatchcase(a, p) for p in patterns))
+
+    def _rebuild(self) -> None:
+        by_digest: dict[bytes, Policy] = {}
+        for record in (*self._static.values(), *self._records.values()):
+            models = self._allowed(record.models)
+            digest = bytes.fromhex(record.digest)
+            by_digest[digest] = Policy(record, digest, models)
+            if record.previous_digest and record.previous_valid_until:
+                old = bytes.fromhex(record.previous_digest)
+                by_digest[old] = Policy(record, old, models, record.previous_valid_until)
+        self._by_digest = by_digest  # swapped whole: a lookup never sees a half-built table
+
+    # -- the hot path --------------------------------------------------------
+
+    def lookup(self, secret: bytes) -> Policy | None:
+        """The policy of a presented key, or None; an expired key raises (its message says so)."""
+        digest = self.digest(secret)
+        policy = self._by_digest.get(digest)
+        if policy is None or not hmac.compare_digest(policy.digest, digest) or not policy.enabled:
+            return None
+        now = time.time()
+        if policy.valid_until is not None and now >= policy.valid_until:
+            return None  # a rotated-out secret past its grace period
+        if policy.expires_at is not None and now >= policy.expires_at:
+            raise AuthenticationError("This API key has expired.", code="expired_api_key")
+        return policy
+
+    # -- replication -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._apply_events(), name="gateway.keys.events")
+        try:
+            self._subscription = await self.store.subscribe(EVENTS, self._events.put_nowait)
+            await self.reload()
+        except StoreError as exc:
+            log.error("keys: store unreachable at start, admin-created keys unavailable until it is: %s", exc)
+
+    async def aclose(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.aclose()
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def reload(self) -> None:
+        raw = await self.store.hgetall(RECORDS)
+        self._records = {key_id: _decode_record(value) for key_id, value in raw.items()}
+        self._rebuild()
+
+    async def _apply_events(self) -> None:
+        # One worker applies changes in the order they were announced.
+        while True:
+            try:
+                message = await asyncio.wait_for(self._events.get(), _RESYNC_S)
+            except TimeoutError:
+                await self._resync()
+                continue
+            nonce, _, key_id = message.decode().partition(" ")
+            try:
+                value = await self.store.hget(RECORDS, key_id)
+                if value is None:
+                    self._records.pop(key_id, None)
+                else:
+                    self._records[key_id] = _decode_record(value)
+                self._rebuild()
+                await self.store.incr(ACKS + nonce, ttl_s=60)
+            except StoreError as exc:
+                log.error("keys: could not apply a change to %s: %s", key_id, exc)
+
+    async def _resync(self) -> None:
+        try:
+            await self.reload()
+        except StoreError as exc:
+            log.warning("keys: periodic reload failed: %s", exc)
+
+    async def _announce(self, key_id: str) -> dict[str, int]:
+        """Tell every replica; return once all applied it (or after a bounded wait)."""
+        nonce = os.urandom(8).hex()
+        replicas = await self.store.publish(EVENTS, f"{nonce} {key_id}".encode())
+        deadline = time.monotonic() + _ACK_WAIT_S
+        applied = 0
+        while time.monotonic() < deadline:
+            applied = int(await self.store.get(ACKS + nonce) or 0)
+            if applied >= replicas:
+                break
+            await asyncio.sleep(0.005)
+        if applied < replicas:
+            log.warning("keys: change to %s applied by %d of %d replicas in time", key_id, applied, replicas)
+        return {"replicas": replicas, "applied": applied}
+
+    # -- administration ----------------------------------------------------------
+
+    def records(self) -> list[KeyRecord]:
+        return [*self._static.values(), *self._records.values()]
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        return self._static.get(key_id) or self._records.get(key_id)
+
+    async def save(self, record: KeyRecord) -> dict[str, int]:
+        await self.store.hset(RECORDS, record.id, _encode(record))
+        self._records[record.id] = record
+        self._rebuild()
+        return await self._announce(record.id)
+
+    async def remove(self, key_id: str) -> dict[str, int]:
+        await self.store.hdel(RECORDS, key_id)
+        self._records.pop(key_id, None)
+        self._rebuild()
+        return await self._announce(key_id)
+
+    def mint(self) -> tuple[str, str]:
+        """A new secret and its digest (hex)."""
+        secret = new_secret()
+        return secret, self.digest(secret.encode()).hex()
