@@ -18,9 +18,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import Limits
-from gateway.errors import AuthenticationError, GatewayError, InvalidRequest, NotFound, error_response
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    error_response,
+)
 from gateway.keys import KeyRecord, KeyStore
 from gateway.middleware.auth import credential
+from gateway.store import StoreError
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 UNSET: Any = msgspec.UNSET
@@ -83,6 +91,8 @@ class AdminAPI:
                     raise AuthenticationError("Invalid admin credential.")
                 ctx.identity = "admin"
                 return await handler(request)
+            except StoreError as exc:
+                return error_response(ServiceUnavailable(f"The store is unreachable: {exc}"))
             except GatewayError as exc:
                 return error_response(exc)
 

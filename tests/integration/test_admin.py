@@ -136,3 +136,14 @@ async def test_admin_disabled_without_admin_key(config_text: str) -> None:
     async with app.lifespan(None), Client(app, "anything-at-all-here") as c:  # type: ignore[arg-type]
         r = await c.get("/admin/keys")
     assert r.status_code == 401 and "disabled" in r.json()["error"]["message"]
+
+
+async def test_store_down_is_503_not_500(gw: Any, admin: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.store import StoreError
+
+    async def down(*args: Any) -> None:
+        raise StoreError("connection refused")
+
+    monkeypatch.setattr(gw.store, "hset", down)
+    r = await admin.post("/admin/keys", json={"name": "x"})
+    assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
