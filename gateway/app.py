@@ -28,6 +28,7 @@ from gateway.admin import AdminAPI
 from gateway.config import Config
 from gateway.errors import MethodNotAllowed, NotFound, ServerError, ServiceUnavailable, error_response
 from gateway.forward import Forward, Route
+from gateway.jwt import JWTVerifier, KeyLoadError
 from gateway.keys import KeyStore
 from gateway.middleware.access_log import AccessLogMiddleware
 from gateway.middleware.auth import AuthMiddleware
@@ -119,7 +120,8 @@ class Gateway:
         forward = Forward(self.routes)
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
-        app = AuthMiddleware(app, keys=self.keys)
+        self.jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt else None
+        app = AuthMiddleware(app, keys=self.keys, jwt=self.jwt)
         cors = config.cors
         if cors.allow_origins:
             # Outside auth: a preflight carries no credential and must not need one.
@@ -145,11 +147,18 @@ class Gateway:
         except StoreError as exc:
             log.warning("store is not reachable at start: %s", exc)
         await self.keys.start()
+        if self.jwt is not None:
+            try:
+                await self.jwt.load()
+            except KeyLoadError as exc:
+                log.error("jwt: %s; tokens of that issuer are refused until its keys load", exc)
         log.info("gateway ready: %d models, %d providers", len(self.routes), len(self.pools))
         try:
             yield
         finally:
             await self.keys.aclose()
+            if self.jwt is not None:
+                await self.jwt.wait_refreshes()
             for pool in self.pools.values():
                 await pool.aclose()
             await self.store.aclose()

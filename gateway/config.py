@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import msgspec
 import yaml
 
+from gateway.jwt import JWTIssuer
 from gateway.providers import KINDS, AnyProvider, ProviderConfig
 
 log = logging.getLogger("gateway.config")
@@ -63,6 +64,7 @@ class AuthConfig(Struct):
     # Keys are stored as HMAC-SHA256 under this secret; replicas sharing a store must share it.
     hash_secret: str = ""
     keys: list[KeyConfig] = []
+    jwt: list[JWTIssuer] = []  # bearer tokens from these issuers are accepted beside API keys
 
 
 class Deployment(Struct):
@@ -129,6 +131,7 @@ class Config(Struct):
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log masker."""
         values = [self.auth.admin_key, self.auth.hash_secret, *(k.key for k in self.auth.keys)]
+        values += [issuer.secret for issuer in self.auth.jwt]
         values += [p.api_key for p in self.providers.values()]
         return [v for v in values if v]
 
@@ -203,6 +206,11 @@ def _cross_check(config: Config) -> list[str]:
         problems.append(f"auth.admin_key: shorter than {MIN_KEY_CHARS} characters")
     if config.auth.hash_secret and len(config.auth.hash_secret) < 32:
         problems.append("auth.hash_secret: shorter than 32 characters")
+    issuers: set[str] = set()
+    for i, issuer in enumerate(config.auth.jwt):
+        if issuer.issuer in issuers:
+            problems.append(f"auth.jwt[{i}].issuer: duplicate issuer '{issuer.issuer}'")
+        issuers.add(issuer.issuer)
     if "*" in config.cors.allow_origins and config.cors.allow_credentials:
         problems.append("cors.allow_origins: '*' cannot be used with allow_credentials; list the origins")
     shared = not config.store.url.startswith("memory://")

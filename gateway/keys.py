@@ -62,22 +62,49 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         return msgspec.to_builtins(shown)  # type: ignore[no-any-return]
 
 
+NO_LIMITS = Limits()
+
+
 class Policy:
     """What one credential may do, as the hot path needs it."""
 
     __slots__ = ("digest", "enabled", "expires_at", "key_id", "limits", "models", "name", "valid_until")
 
     def __init__(
-        self, record: KeyRecord, digest: bytes, models: frozenset[str], valid_until: float | None = None
+        self,
+        key_id: str,
+        name: str,
+        models: frozenset[str],
+        *,
+        digest: bytes = b"",
+        limits: Limits = NO_LIMITS,
+        enabled: bool = True,
+        expires_at: float | None = None,
+        valid_until: float | None = None,
     ) -> None:
-        self.key_id = record.id
-        self.name = record.name
+        self.key_id = key_id
+        self.name = name
         self.digest = digest
-        self.models = models  # the aliases this key may use, globs already expanded
-        self.limits = record.limits
-        self.enabled = record.enabled
-        self.expires_at = record.expires_at
+        self.models = models  # the aliases this credential may use, globs already expanded
+        self.limits = limits
+        self.enabled = enabled
+        self.expires_at = expires_at
         self.valid_until = valid_until  # set for a rotated-out secret in its grace period
+
+    @classmethod
+    def of(
+        cls, record: KeyRecord, digest: bytes, models: frozenset[str], valid_until: float | None = None
+    ) -> Policy:
+        return cls(
+            record.id,
+            record.name,
+            models,
+            digest=digest,
+            limits=record.limits,
+            enabled=record.enabled,
+            expires_at=record.expires_at,
+            valid_until=valid_until,
+        )
 
 
 _decode_record = msgspec.json.Decoder(KeyRecord).decode
@@ -115,18 +142,19 @@ class KeyStore:
             source="config",
         )
 
-    def _allowed(self, patterns: Iterable[str]) -> frozenset[str]:
+    def allowed(self, patterns: Iterable[str]) -> frozenset[str]:
+        """The configured aliases matching any of `patterns` (globs)."""
         return frozenset(a for a in self._aliases if any(fnmatch.fnmatchcase(a, p) for p in patterns))
 
     def _rebuild(self) -> None:
         by_digest: dict[bytes, Policy] = {}
         for record in (*self._static.values(), *self._records.values()):
-            models = self._allowed(record.models)
+            models = self.allowed(record.models)
             digest = bytes.fromhex(record.digest)
-            by_digest[digest] = Policy(record, digest, models)
+            by_digest[digest] = Policy.of(record, digest, models)
             if record.previous_digest and record.previous_valid_until:
                 old = bytes.fromhex(record.previous_digest)
-                by_digest[old] = Policy(record, old, models, record.previous_valid_until)
+                by_digest[old] = Policy.of(record, old, models, record.previous_valid_until)
         self._by_digest = by_digest  # swapped whole: a lookup never sees a half-built table
 
     # -- the hot path --------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Authentication for /v1: an API key (Authorization: Bearer, or x-api-key).
+"""Authentication for /v1: an API key or a JWT (Authorization: Bearer, or x-api-key).
 
-The lookup is local and synchronous (see gateway/keys.py): no store round trip
-on the request path. Unknown, disabled and revoked keys get the same answer.
+Both checks are local and synchronous (gateway/keys.py, gateway/jwt.py): no store
+round trip on the request path. Unknown, disabled and revoked keys get the same answer.
 """
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.errors import AuthenticationError, GatewayError
-from gateway.keys import KeyStore
+from gateway.jwt import JWTVerifier, TokenIdentity
+from gateway.keys import KeyStore, Policy
 from gateway.types import ASGIApp, Receive, Scope, Send
+
+_POLICY_CACHE = 4096
 
 
 def credential(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -24,10 +27,26 @@ def credential(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: KeyStore, protected_prefix: str = "/v1/") -> None:
+    def __init__(
+        self, app: ASGIApp, *, keys: KeyStore, jwt: JWTVerifier | None = None, protected_prefix: str = "/v1/"
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.jwt = jwt
         self.prefix = protected_prefix
+        # Token identities map to few distinct policies; expanding globs once per identity keeps it cheap.
+        self._token_policies: dict[tuple[str, str, tuple[str, ...]], Policy] = {}
+
+    def token_policy(self, identity: TokenIdentity) -> Policy:
+        key = (identity.issuer, identity.subject, identity.models)
+        policy = self._token_policies.get(key)
+        if policy is None:
+            if len(self._token_policies) >= _POLICY_CACHE:
+                self._token_policies.clear()
+            models = self.keys.allowed(identity.models)
+            policy = Policy(f"jwt:{identity.issuer}:{identity.subject}", identity.subject, models)
+            self._token_policies[key] = policy
+        return policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
@@ -42,7 +61,10 @@ class AuthMiddleware:
                     "Send it as 'Authorization: Bearer YOUR_KEY' or 'x-api-key'.",
                     code="missing_api_key",
                 )
-            policy = self.keys.lookup(token)
+            if self.jwt is not None and JWTVerifier.looks_like_jwt(token):
+                policy: Policy | None = self.token_policy(self.jwt.verify(token))
+            else:
+                policy = self.keys.lookup(token)
             if policy is None:
                 raise AuthenticationError("Incorrect API key provided.")
         except GatewayError as exc:
