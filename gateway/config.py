@@ -147,6 +147,11 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
+# Set by the gateway itself (framing, routing, the provider credential): never from config.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "authorization", "api-key", "x-api-key"}
+)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<path>[^`]*)`$", re.S)
 
@@ -182,6 +187,11 @@ def _cross_check(config: Config) -> list[str]:
     for name, provider in config.providers.items():
         if provider.url and not provider.url.startswith(("http://", "https://")):
             problems.append(f"providers.{name}.base_url: must start with http:// or https://")
+        for header, value in provider.headers.items():
+            if not _TOKEN(header) or header.lower() in _RESERVED_HEADERS:
+                problems.append(f"providers.{name}.headers: '{header}' is not a header the config may set")
+            elif "\r" in value or "\n" in value or "\0" in value:
+                problems.append(f"providers.{name}.headers.{header}: line breaks are not allowed")
     aliases: set[str] = set()
     for i, model in enumerate(config.models):
         if model.name in aliases:

@@ -35,6 +35,7 @@ log = logging.getLogger("gateway.forward")
 _RELAYED = frozenset({b"content-type", b"content-length", b"openai-processing-ms", b"openai-version"})
 _SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
 _ERROR_BODY_LIMIT = 65536
+_RETRY_HEADERS = frozenset({b"retry-after", b"retry-after-ms"})  # the SDKs honour both
 
 
 class Route:
@@ -150,12 +151,15 @@ class Forward:
         body = None
         if translator is not None:
             headers = list(_SSE_HEADERS)
-        elif any(k == b"content-length" for k, _ in headers):
-            body = await response.read()
-            translated = adapter.translate_response(op, body)
-            if translated is not None:
-                body = translated
-                headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        elif adapter.translates or any(k == b"content-length" for k, _ in headers):
+            try:
+                body = await response.read()
+                if adapter.translates:  # may raise: a provider can report a failure inside a 200
+                    body = adapter.translate_response(op, ctx.body, body)
+                    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            except GatewayError as exc:
+                await ctx.send_error(send, exc)
+                return
         overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
         headers += ctx.headers()
         headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
@@ -195,7 +199,7 @@ class Forward:
         ctx.responded = True
         ctx.status = status
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        headers += [(k, v) for k, v in response.headers if k == b"retry-after"]
+        headers += [(k, v) for k, v in response.headers if k in _RETRY_HEADERS]
         headers += ctx.headers()
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -98,7 +98,8 @@ class StreamTranslator(abc.ABC):
 
     @abc.abstractmethod
     def finish(self) -> bytes:
-        """The upstream stream ended: the last events, then `data: [DONE]` (or an error event)."""
+        """The upstream stream ended: whatever is still owed (a translator's last events and
+        `data: [DONE]`, or an error event; a filter's unterminated tail)."""
 
 
 def openai_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
@@ -107,8 +108,19 @@ def openai_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return status, raw
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        if isinstance(error.get("type"), str) and {"param", "code"} <= error.keys():
+            return status, raw
+        # Nearly OpenAI's shape (some compatible servers omit fields): complete it.
+        kind = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
+        fields = {
+            "message": error["message"],
+            "type": kind,
+            "param": error.get("param"),
+            "code": error.get("code"),
+        }
+        return status, orjson.dumps({"error": fields})
     text = raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
     error = {"message": f"Upstream provider '{provider}' answered {status}: {text}", "type": "upstream_error"}
     return status, orjson.dumps({"error": {**error, "param": None, "code": None}})
@@ -131,6 +143,8 @@ class Adapter(abc.ABC):
             *self.build_auth_headers(),
             *((k.lower().encode(), v.encode()) for k, v in config.headers.items()),
         ]
+        # Whole JSON answers of this provider must be read and rewritten, whatever their framing.
+        self.translates = type(self).translate_response is not Adapter.translate_response
 
     @abc.abstractmethod
     def build_auth_headers(self) -> list[tuple[bytes, bytes]]:
@@ -148,9 +162,12 @@ class Adapter(abc.ABC):
         body["model"] = target.model
         return orjson.dumps(body)
 
-    def translate_response(self, op: Operation, body: bytes) -> bytes | None:
-        """A successful JSON answer in OpenAI's shape, or None to relay the upstream bytes as they are."""
-        return None
+    def translate_response(self, op: Operation, request: dict[str, Any], body: bytes) -> bytes:
+        """A successful JSON answer in OpenAI's shape (only called on adapters that override it).
+
+        `request` is the body `encode_body` saw (its `model` already the upstream's).
+        """
+        return body
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
         """A translator for this request's stream, or None to relay the upstream bytes as they are."""

@@ -178,3 +178,22 @@ async def test_client_disconnect_cancels_upstream(gw: Any, mock: MockOpenAI) -> 
     await asyncio.wait_for(task, 2.0)
     assert sent == []
     assert await asyncio.to_thread(b.wait_disconnected, 2.0)
+
+
+async def test_malformed_upstream_answer_is_502(client: Client, mock: MockOpenAI) -> None:
+    # Two conflicting Content-Length headers: a framing error, never relayed.
+    mock.behave(model="mock-gpt-upstream", headers=[("content-length", "5000")], body=b'{"partial": ')
+    err = error_of(await client.chat(), 502)
+    assert err["type"] == "upstream_error"
+
+
+async def test_nearly_openai_error_is_completed(client: Client, mock: MockOpenAI) -> None:
+    mock.behave(model="mock-gpt-upstream", status=400, body=b'{"error": {"message": "bad thing", "type": null}}')
+    err = error_of(await client.chat(), 400)
+    assert err == {"message": "bad thing", "type": "upstream_error", "param": None, "code": None}
+
+
+async def test_retry_after_headers_are_relayed(client: Client, mock: MockOpenAI) -> None:
+    mock.behave(model="mock-gpt-upstream", status=429, headers=[("retry-after-ms", "1500"), ("retry-after", "2")])
+    r = await client.chat()
+    assert r.status_code == 429 and r.headers["retry-after-ms"] == "1500" and r.headers["retry-after"] == "2"

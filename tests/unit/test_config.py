@@ -196,3 +196,22 @@ def test_shared_store_with_admin_api_needs_hash_secret() -> None:
     assert problems(text) == ["auth.hash_secret: shorter than 32 characters"]
     config = parse(text.replace("hash_secret: short", "hash_secret: " + "h" * 32), ENV)
     assert "h" * 32 in config.secrets()
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        ("{Authorization: x}", "'Authorization' is not a header the config may set"),
+        ("{'bad header': x}", "'bad header' is not a header the config may set"),
+        ('{X-Title: "a\\r\\nHost: evil"}', "providers.oai.headers.X-Title: line breaks are not allowed"),
+    ],
+)
+def test_provider_headers_are_checked(headers: str, fragment: str) -> None:
+    text = BASE.replace("api_key: \"${OPENAI_API_KEY:-}\"}", "api_key: \"${OPENAI_API_KEY:-}\", headers: " + headers + "}")
+    (problem,) = problems(text)
+    assert fragment in problem
+
+
+def test_openrouter_headers_accepted() -> None:
+    text = BASE.replace("type: openai,", "type: openrouter, headers: {HTTP-Referer: 'https://app.example', X-Title: App},")
+    assert parse(text, ENV).providers["oai"].headers == {"HTTP-Referer": "https://app.example", "X-Title": "App"}

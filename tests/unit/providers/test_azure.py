@@ -1,0 +1,398 @@
+"""The Azure OpenAI adapter: config, request targets and headers, the stream filter, error mapping."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.config import ConfigError, parse
+from gateway.errors import InvalidRequest
+from gateway.providers import Capability, Operation, Target, build_adapter
+from gateway.providers.azure import (
+    DEFAULT_API_VERSION,
+    AzureOpenAIAdapter,
+    AzureOpenAIConfig,
+    AzureStreamFilter,
+)
+from tests.mock_azure import CONTENT_FILTER_MESSAGE, content_filter_error
+
+KEY = "azure-key-0123456789abcdef"
+ENDPOINT = "https://contoso.openai.azure.com"
+
+
+def config(**fields: object) -> AzureOpenAIConfig:
+    return AzureOpenAIConfig(**{"base_url": ENDPOINT, "api_key": KEY, **fields})  # type: ignore[arg-type]
+
+
+def adapter(base_path: str = "", **fields: object) -> AzureOpenAIAdapter:
+    built = build_adapter("azure", config(**fields), base_path)
+    assert isinstance(built, AzureOpenAIAdapter)
+    return built
+
+
+def error(status: int, raw: Any) -> tuple[int, dict[str, Any]]:
+    body = orjson.dumps(raw) if isinstance(raw, dict) else raw.encode() if isinstance(raw, str) else raw
+    out_status, out = adapter().translate_error(status, body)
+    parsed = orjson.loads(out)
+    assert set(parsed) == {"error"}
+    assert set(parsed["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(parsed["error"]["type"], str)
+    return out_status, parsed["error"]
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_config_from_yaml_with_defaults() -> None:
+    parsed = parse(f"providers:\n  az: {{type: azure_openai, base_url: '{ENDPOINT}', api_key: {KEY}}}\n", {})
+    provider = parsed.providers["az"]
+
+    assert isinstance(provider, AzureOpenAIConfig)
+    assert provider.api_version == DEFAULT_API_VERSION == "2024-10-21"
+    assert provider.enabled
+    assert all(provider.supports(capability) for capability in Capability)
+
+
+def test_api_version_is_configurable_and_checked() -> None:
+    assert config(api_version="2025-04-01-preview").api_version == "2025-04-01-preview"
+    with pytest.raises(ConfigError) as info:
+        parse(
+            f"providers:\n  az: {{type: azure_openai, base_url: '{ENDPOINT}', api_key: k, api_version: latest}}\n",
+            {},
+        )
+    assert info.value.problems[0].startswith("providers.az.api_version: Expected `str` matching regex")
+
+
+@pytest.mark.parametrize(("base_url", "api_key"), [("", KEY), (ENDPOINT, "")])
+def test_no_default_endpoint_so_empty_base_url_or_key_disables(base_url: str, api_key: str) -> None:
+    assert AzureOpenAIConfig.default_base_url == ""
+    assert not AzureOpenAIConfig(base_url=base_url, api_key=api_key).enabled
+
+
+@pytest.mark.parametrize("path", ["/openai", "/openai/", "/openai/deployments/gpt4", "/apim/openai"])
+def test_sdk_style_base_url_is_refused(path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(f"providers:\n  az: {{type: azure_openai, base_url: '{ENDPOINT}{path}', api_key: k}}\n", {})
+    assert info.value.problems == [
+        "providers.az: base_url: give the resource endpoint (https://NAME.openai.azure.com), "
+        "without /openai or a deployment path"
+    ]
+
+
+def test_a_path_prefix_that_is_not_openai_is_kept() -> None:
+    assert (
+        config(base_url="https://apim.example.com/my-openai-proxy/").url
+        == "https://apim.example.com/my-openai-proxy"
+    )
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def test_key_goes_in_api_key_header_only() -> None:
+    headers = adapter(headers={"X-Team": "search"}).request_headers
+
+    assert headers == [
+        (b"content-type", b"application/json"),
+        (b"api-key", KEY.encode()),
+        (b"x-team", b"search"),
+    ]
+    assert not any(name == b"authorization" for name, _ in headers)
+
+
+@pytest.mark.parametrize(
+    ("op", "path"),
+    [
+        (Operation.chat, "chat/completions"),
+        (Operation.completions, "completions"),
+        (Operation.embeddings, "embeddings"),
+        (Operation.images, "images/generations"),
+    ],
+)
+def test_target_is_the_deployment_url_with_api_version(op: Operation, path: str) -> None:
+    target = adapter().target(op, Target("gpt-4o-prod"))
+
+    assert target == f"/openai/deployments/gpt-4o-prod/{path}?api-version=2024-10-21".encode()
+
+
+def test_target_keeps_a_base_path_uses_the_configured_version_and_quotes_the_name() -> None:
+    azure = adapter("/aoai", api_version="2025-04-01-preview")
+
+    first = azure.target(Operation.chat, Target("odd name/x"))
+    assert first == b"/aoai/openai/deployments/odd%20name%2Fx/chat/completions?api-version=2025-04-01-preview"
+    assert azure.target(Operation.chat, Target("odd name/x")) == first
+
+
+def test_body_names_the_deployment_and_is_otherwise_the_clients() -> None:
+    body = {"model": "alias", "messages": [{"role": "user", "content": "hi"}], "stream": True, "user": "u1"}
+
+    encoded = adapter().encode_body(Operation.chat, dict(body), Target("gpt-4o-prod"))
+
+    assert orjson.loads(encoded) == {**body, "model": "gpt-4o-prod"}
+
+
+@pytest.mark.parametrize("param", ["data_sources", "dataSources"])
+def test_on_your_data_is_refused_naming_provider_and_parameter(param: str) -> None:
+    body = {"messages": [], param: [{"type": "azure_search", "parameters": {"endpoint": "https://x"}}]}
+
+    with pytest.raises(InvalidRequest) as info:
+        adapter().encode_body(Operation.chat, body, Target("gpt-4o-prod"))
+
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert info.value.message.startswith(f"Provider 'azure' (azure_openai) does not support '{param}': ")
+
+
+def test_json_answers_are_relayed_untranslated() -> None:
+    assert adapter().translates is False
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+PROMPT_FILTER = (
+    b'data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":'
+    b'[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}\n\n'
+)
+ANNOTATION = (
+    b'data: {"choices":[{"index":0,"finish_reason":null,"content_filter_results":{},'
+    b'"content_filter_offsets":{"check_offset":0,"start_offset":0,"end_offset":9}}],'
+    b'"created":0,"id":"","model":"","object":""}\n\n'
+)
+
+
+def chunk(content: str) -> bytes:
+    choice = {"index": 0, "delta": {"content": content}, "finish_reason": None, "content_filter_results": {}}
+    event = {
+        "choices": [choice],
+        "created": 1,
+        "id": "chatcmpl-1",
+        "model": "gpt-4o",
+        "object": "chat.completion.chunk",
+    }
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+STREAM = PROMPT_FILTER + chunk("Hello") + ANNOTATION + chunk(' "object":"" ') + chunk("!") + ANNOTATION
+EXPECTED = chunk("Hello") + chunk(' "object":"" ') + chunk("!") + b"data: [DONE]\n\n"
+
+
+def run(pieces: list[bytes]) -> bytes:
+    stream = AzureStreamFilter()
+    return b"".join(stream.feed(piece) for piece in pieces) + stream.finish()
+
+
+def test_filter_drops_azures_events_and_relays_the_rest_byte_for_byte() -> None:
+    assert run([STREAM + b"data: [DONE]\n\n"]) == EXPECTED
+
+
+def test_filter_is_used_for_streams() -> None:
+    assert isinstance(adapter().stream_translator(Operation.chat, {"stream": True}), AzureStreamFilter)
+
+
+def test_filter_output_does_not_depend_on_how_reads_split_the_stream() -> None:
+    data = STREAM + b"data: [DONE]\n\n"
+    assert run([data[i : i + 1] for i in range(len(data))]) == EXPECTED
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 12)))
+        assert run([data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]) == EXPECTED
+
+
+def test_filter_passes_a_read_without_marker_as_is_and_holds_only_a_partial_line() -> None:
+    stream = AzureStreamFilter()
+    read = chunk("a") + chunk("b")
+
+    assert stream.feed(read) is read
+    assert stream.feed(b'data: {"choi') == b""
+    assert stream.feed(b'ces":[]}\n\n') == b'data: {"choices":[]}\n\n'
+
+
+def test_filter_handles_crlf_and_spaced_json() -> None:
+    spaced = b'data: {"choices": [], "object": "", "prompt_filter_results": []}\r\n\r\n'
+    kept = b'data: {"choices": [], "object": "chat.completion.chunk"}\r\n\r\n'
+
+    assert run([spaced + kept + b"data: [DONE]\r\n\r\n"]) == kept + b"data: [DONE]\r\n\r\n"
+
+
+def test_filter_finish_returns_an_unterminated_tail_unless_it_is_an_annotation() -> None:
+    stream = AzureStreamFilter()
+    stream.feed(b"data: [DONE]")
+    assert stream.finish() == b"data: [DONE]"
+
+    stream = AzureStreamFilter()
+    stream.feed(PROMPT_FILTER.rstrip(b"\n"))
+    assert stream.finish() == b""
+
+
+def test_filter_drops_every_line_of_an_annotation_event() -> None:
+    event = PROMPT_FILTER.rstrip(b"\n") + b"\nid: 7\n\n"
+    assert run([event + chunk("x"), b"data: [DONE]\n\n"]) == chunk("x") + b"data: [DONE]\n\n"
+
+
+def test_filter_keeps_comments_and_other_fields_between_events() -> None:
+    heartbeat = b": keep-alive\n\n"
+    assert run([heartbeat + PROMPT_FILTER + heartbeat + chunk("x")]) == heartbeat + heartbeat + chunk("x")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_content_filter_keeps_message_and_names_what_was_filtered() -> None:
+    status, body = error(400, content_filter_error("violence", "high"))
+
+    assert status == 400
+    assert body == {
+        "message": CONTENT_FILTER_MESSAGE + " (filtered: violence high)",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "content_filter",
+    }
+
+
+def test_jailbreak_and_image_content_filter_spellings() -> None:
+    _, jailbreak = error(400, content_filter_error("jailbreak"))
+    image = {
+        "error": {
+            "code": "contentFilter",
+            "message": "Your task failed as a result of our safety system.",
+            "inner_error": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_results": {
+                    "sexual": {"filtered": True, "severity": "high"},
+                    "hate": {"filtered": False},
+                },
+                "revised_prompt": "x",
+            },
+        }
+    }
+    _, images = error(400, image)
+
+    assert jailbreak["message"] == CONTENT_FILTER_MESSAGE + " (filtered: jailbreak)"
+    assert images == {
+        "message": "Your task failed as a result of our safety system. (filtered: sexual high)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "content_filter",
+    }
+
+
+def test_inner_error_without_filter_results_adds_nothing() -> None:
+    raw = {
+        "error": {
+            "code": "content_filter",
+            "message": "Filtered.",
+            "innererror": {"code": "ResponsibleAIPolicyViolation"},
+        }
+    }
+    assert error(400, raw)[1]["message"] == "Filtered."
+    raw["error"]["innererror"] = {"content_filter_result": {"hate": {"filtered": False, "severity": "safe"}}}
+    assert error(400, raw)[1]["message"] == "Filtered."
+
+
+def test_429_is_a_rate_limit_error_with_the_message_kept() -> None:
+    message = "Requests to the ChatCompletions_Create Operation ... Please retry after 6 seconds."
+    status, body = error(429, {"error": {"code": "429", "message": message}})
+
+    assert status == 429
+    assert body == {
+        "message": message,
+        "type": "rate_limit_exceeded",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+
+
+def test_401_says_the_provider_rejected_the_gateways_key() -> None:
+    message = "Access denied due to invalid subscription key or wrong API endpoint."
+    status, body = error(401, {"error": {"code": "401", "message": message}})
+
+    assert status == 401
+    assert body == {
+        "message": f"Upstream provider 'azure' answered 401: {message}",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_api_management_shape_is_wrapped() -> None:
+    message = "Access denied due to invalid subscription key. Make sure to provide a valid key."
+    status, body = error(401, {"statusCode": 401, "message": message})
+
+    assert status == 401
+    assert body["message"] == f"Upstream provider 'azure' answered 401: {message}"
+    assert body["code"] is None
+
+
+def test_deployment_not_found_is_model_not_found() -> None:
+    raw = {
+        "error": {
+            "code": "DeploymentNotFound",
+            "message": "The API deployment for this resource does not exist.",
+        }
+    }
+    status, body = error(404, raw)
+
+    assert status == 404
+    assert body["code"] == "model_not_found"
+    assert (
+        body["message"]
+        == "Upstream provider 'azure' answered 404: The API deployment for this resource does not exist."
+    )
+
+
+def test_openai_shaped_errors_keep_their_fields() -> None:
+    raw = {
+        "error": {
+            "message": "This model's maximum context length is 128000 tokens.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+            "status": 400,
+        }
+    }
+    assert error(400, raw) == (400, {k: v for k, v in raw["error"].items() if k != "status"})
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected_code", "expected_type"),
+    [
+        (500, "InternalServerError", "InternalServerError", "server_error"),
+        (503, 503, None, "server_error"),
+        (408, "Timeout", "Timeout", "invalid_request_error"),
+        (400, None, None, "invalid_request_error"),
+    ],
+)
+def test_type_and_code_for_other_statuses(
+    status: int, code: object, expected_code: str | None, expected_type: str
+) -> None:
+    out_status, body = error(status, {"error": {"code": code, "message": "Something.", "param": 5}})
+
+    assert out_status == status
+    assert (body["code"], body["type"], body["param"]) == (expected_code, expected_type, None)
+    assert body["message"] == "Something."
+
+
+@pytest.mark.parametrize("raw", [b"<html>Bad Gateway</html>", b"", b"[1, 2]", b'{"a": 1}'])
+def test_bodies_in_no_known_shape_are_wrapped(raw: bytes) -> None:
+    status, body = error(502, raw)
+
+    assert status == 502
+    assert body["type"] == "upstream_error"
+    assert str(body["message"]).startswith("Upstream provider 'azure' answered 502: ")
+
+
+@pytest.mark.parametrize("status", [500, 404])
+def test_error_object_without_message_is_given_one(status: int) -> None:
+    out_status, body = error(status, {"error": {"code": "InternalServerError"}})
+
+    assert out_status == status
+    assert body == {
+        "message": f'Upstream provider \'azure\' answered {status}: {{"error":{{"code":"InternalServerError"}}}}',
+        "type": "server_error" if status == 500 else "invalid_request_error",
+        "param": None,
+        "code": "InternalServerError",
+    }
