@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.breaker import Breakers
 from gateway.config import Limits
 from gateway.errors import (
     AuthenticationError,
@@ -63,9 +64,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AdminAPI:
-    def __init__(self, admin_key: str, keys: KeyStore) -> None:
+    def __init__(self, admin_key: str, keys: KeyStore, breakers: Breakers) -> None:
         self._admin_digest = hmac.digest(b"admin", admin_key.encode(), "sha256") if admin_key else None
         self.keys = keys
+        self.breakers = breakers
 
     def routes(self) -> list[Route]:
         return [
@@ -75,6 +77,9 @@ class AdminAPI:
             Route("/admin/keys/{key_id}", self.guard(self.update_key), methods=["PATCH"]),
             Route("/admin/keys/{key_id}", self.guard(self.revoke_key), methods=["DELETE"]),
             Route("/admin/keys/{key_id}/rotate", self.guard(self.rotate_key), methods=["POST"]),
+            Route(
+                "/admin/breakers/{deployment:path}/reset", self.guard(self.reset_breaker), methods=["POST"]
+            ),
         ]
 
     def guard(self, handler: Handler) -> Handler:
@@ -164,6 +169,13 @@ class AdminAPI:
         record = msgspec.structs.replace(record, digest=digest, **grace)
         propagation = await self.keys.save(record)
         return JSONResponse({**record.public(), "secret": secret, "propagation": propagation})
+
+    async def reset_breaker(self, request: Request) -> Response:
+        deployment = request.path_params["deployment"]
+        if deployment not in self.breakers.snapshot():
+            raise NotFound(f"No deployment '{deployment}'.", code="deployment_not_found")
+        await self.breakers.reset(deployment)
+        return JSONResponse({"deployment": deployment, "state": self.breakers.state(deployment)})
 
     async def revoke_key(self, request: Request) -> Response:
         record = self.record(request, writable=True)

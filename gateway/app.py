@@ -25,9 +25,10 @@ from starlette.routing import Route as StarletteRoute
 from gateway import config as config_module
 from gateway import logs
 from gateway.admin import AdminAPI
+from gateway.breaker import Breakers
 from gateway.config import Config
 from gateway.errors import MethodNotAllowed, NotFound, ServerError, ServiceUnavailable, error_response
-from gateway.forward import Forward, Route
+from gateway.forward import Forward
 from gateway.jwt import JWTVerifier, KeyLoadError
 from gateway.keys import KeyStore
 from gateway.middleware.access_log import AccessLogMiddleware
@@ -35,6 +36,7 @@ from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.providers import Operation, Target, build_adapter
+from gateway.router import Alias, Route, Router
 from gateway.store import Store, StoreError, store_from_url
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
@@ -92,22 +94,26 @@ class Gateway:
             )
             self.pools[name] = pool
             adapters[name] = build_adapter(name, provider, pool.base_path)
-        # For now an alias goes to its first deployment on an enabled provider.
-        self.routes: dict[str, Route] = {}
+        aliases: dict[str, Alias] = {}
         for model in config.models:
-            for dep in model.deployments:
-                if dep.provider in adapters:
-                    self.routes[model.name] = Route(
-                        adapters[dep.provider], self.pools[dep.provider], Target(dep.model, dep.params)
-                    )
-                    break
+            routes = [
+                Route(adapters[d.provider], self.pools[d.provider], Target(d.model, d.params), d.weight)
+                for d in model.deployments
+                if d.provider in adapters
+            ]
+            if routes:
+                aliases[model.name] = Alias(model.name, routes, model.strategy, model.fallbacks)
             else:
                 log.warning("model %s has no deployment on an enabled provider: not served", model.name)
+        self.routes = aliases
+        self.router = Router(aliases, self.store)
+        self.breakers = Breakers(self.store, config.breaker)
 
         self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
         routes = [
-            *AdminAPI(config.auth.admin_key, self.keys).routes(),
+            *AdminAPI(config.auth.admin_key, self.keys, self.breakers).routes(),
             StarletteRoute("/healthz", self.healthz),
+            StarletteRoute("/health/providers", self.health_providers),
             StarletteRoute("/readyz", self.readyz),
             StarletteRoute("/v1/models", self.list_models),
             StarletteRoute("/v1/models/{model:path}", self.get_model),
@@ -117,7 +123,16 @@ class Gateway:
             lifespan=self.lifespan,
             exception_handlers={HTTPException: _http_exception, Exception: _server_error},
         )
-        forward = Forward(self.routes)
+        r = config.router
+        forward = Forward(
+            self.router,
+            self.breakers,
+            retries=r.retries,
+            total_s=r.timeouts.total_s,
+            backoff_s=r.backoff_s,
+            backoff_max_s=r.backoff_max_s,
+            route_headers=r.headers,
+        )
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
         self.jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt else None
@@ -147,6 +162,7 @@ class Gateway:
         except StoreError as exc:
             log.warning("store is not reachable at start: %s", exc)
         await self.keys.start()
+        await self.breakers.start(r.id for a in self.routes.values() for r in a.routes)
         if self.jwt is not None:
             try:
                 await self.jwt.load()
@@ -157,6 +173,7 @@ class Gateway:
             yield
         finally:
             await self.keys.aclose()
+            await self.breakers.aclose()
             if self.jwt is not None:
                 await self.jwt.wait_refreshes()
             for pool in self.pools.values():
@@ -172,6 +189,18 @@ class Gateway:
         except StoreError as exc:
             return error_response(ServiceUnavailable(f"store unreachable: {exc}"))
         return JSONResponse({"status": "ready", "models": len(self.routes)})
+
+    async def health_providers(self, request: Request) -> Response:
+        """Per deployment: breaker state and window, last error (no secrets), latency EWMA."""
+        breakers = self.breakers.snapshot()
+        deployments = {}
+        for alias in self.routes.values():
+            for route in alias.routes:
+                info = {**breakers.get(route.id, {"state": self.breakers.state(route.id)})}
+                info["latency_ewma_ms"] = None if route.ewma_s is None else round(route.ewma_s * 1000, 3)
+                info["in_use"], info["idle"] = route.pool.in_use, route.pool.idle
+                deployments[route.id] = info
+        return JSONResponse({"deployments": deployments})
 
     def _model(self, alias: str) -> dict[str, object]:
         return {"id": alias, "object": "model", "created": self.created, "owned_by": "gateway"}

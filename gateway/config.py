@@ -11,11 +11,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
 
+from gateway.breaker import BreakerSettings
 from gateway.jwt import JWTIssuer
 from gateway.providers import KINDS, AnyProvider, ProviderConfig
 
@@ -70,6 +71,7 @@ class AuthConfig(Struct):
 class Deployment(Struct):
     provider: str
     model: str
+    weight: PositiveFloat = 1.0  # for the `weighted` strategy
     limits: Limits = Limits()
     params: dict[str, Any] = {}  # provider-specific, e.g. cohere's input_type
 
@@ -77,17 +79,13 @@ class Deployment(Struct):
 class ModelConfig(Struct):
     name: str
     deployments: Annotated[list[Deployment], msgspec.Meta(min_length=1)]
+    strategy: Literal["priority", "weighted", "least_inflight", "lowest_latency"] = "priority"
+    fallbacks: list[str] = []  # aliases tried, in order, after this one's deployments
 
 
 class CacheConfig(Struct):
     enabled: bool = False
     ttl_s: PositiveFloat = 300
-
-
-class BreakerConfig(Struct):
-    failures: PositiveInt = 5
-    window_s: PositiveFloat = 30
-    cooldown_s: PositiveFloat = 10
 
 
 class Timeouts(Struct):
@@ -99,6 +97,9 @@ class Timeouts(Struct):
 
 class RouterConfig(Struct):
     retries: Annotated[int, msgspec.Meta(ge=0)] = 2
+    backoff_s: PositiveFloat = 0.1  # first retry of the same deployment waits up to this (full jitter)...
+    backoff_max_s: PositiveFloat = 2.0  # ...doubling per attempt, capped here
+    headers: bool = True  # x-gateway-deployment and x-gateway-attempts on answers
     timeouts: Timeouts = Timeouts()
 
 
@@ -125,7 +126,7 @@ class Config(Struct):
     models: list[ModelConfig] = []
     cors: CorsConfig = CorsConfig()
     cache: CacheConfig = CacheConfig()
-    breaker: BreakerConfig = BreakerConfig()
+    breaker: BreakerSettings = BreakerSettings()
     router: RouterConfig = RouterConfig()
 
     def secrets(self) -> list[str]:
@@ -200,6 +201,12 @@ def _cross_check(config: Config) -> list[str]:
         for j, dep in enumerate(model.deployments):
             if dep.provider not in config.providers:
                 problems.append(f"models[{i}].deployments[{j}].provider: unknown provider '{dep.provider}'")
+    for i, model in enumerate(config.models):
+        for j, fallback in enumerate(model.fallbacks):
+            if fallback == model.name:
+                problems.append(f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself")
+            elif fallback not in aliases:
+                problems.append(f"models[{i}].fallbacks[{j}]: unknown model '{fallback}'")
     names: set[str] = set()
     secrets: set[str] = set()
     for i, key in enumerate(config.auth.keys):

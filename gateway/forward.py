@@ -1,32 +1,43 @@
-"""The thin forwarding app: alias -> deployment -> upstream call -> response relayed as it comes.
+"""The thin forwarding app: alias -> plan of deployments -> upstream call -> response relayed as it comes.
 
 One path serves every operation. The client's headers are not forwarded (the
 provider's own credential and a JSON content type are all an upstream needs),
 so client credentials and hop-by-hop headers cannot leak; the upstream URL comes
-from config alone. Response bytes are relayed untouched: a JSON answer in one
-piece, a stream chunk by chunk as read. A client that disconnects cancels the
-upstream call at once.
+from config alone. Response bytes are relayed untouched (or translated by the
+adapter): a JSON answer in one piece, a stream chunk by chunk as read.
+
+Until the first byte goes to the client, a failed attempt (connect error,
+timeout, 429, 5xx) moves to the next deployment of the plan, or tries the same
+one again after a jittered backoff, within `router.retries` and the request's
+total deadline; a timed-out deployment is never tried twice. Deployments whose
+breaker is open are skipped. A client that disconnects cancels the upstream
+call at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
-from collections.abc import Mapping
 from typing import Any
 
+from gateway.breaker import Admission, Breakers, Outcome
 from gateway.context import RequestContext
 from gateway.errors import (
     GatewayError,
     NotFound,
     PermissionDenied,
+    ServiceUnavailable,
     UnsupportedOperation,
     UpstreamError,
+    UpstreamTimeout,
 )
-from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability, Target
+from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
+from gateway.router import Route, Router
 from gateway.types import Receive, Scope, Send
-from gateway.upstream import UpstreamPool, UpstreamResponse
+from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("gateway.forward")
 
@@ -38,25 +49,41 @@ _ERROR_BODY_LIMIT = 65536
 _RETRY_HEADERS = frozenset({b"retry-after", b"retry-after-ms"})  # the SDKs honour both
 
 
-class Route:
-    """One deployment of an alias: where to send it and as which model."""
+class Failed:
+    """An attempt's upstream error answer, kept in case it is the last one."""
 
-    __slots__ = ("adapter", "pool", "target")
+    __slots__ = ("body", "headers", "route", "status")
 
-    def __init__(self, adapter: Adapter, pool: UpstreamPool, target: Target) -> None:
-        self.adapter = adapter
-        self.pool = pool
-        self.target = target
+    def __init__(self, route: Route, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.route = route
+        self.status = status
+        self.body = body
+        self.headers = headers
 
 
 class Forward:
-    def __init__(self, routes: Mapping[str, Route]) -> None:
-        self.routes = routes
+    def __init__(
+        self,
+        router: Router,
+        breakers: Breakers,
+        *,
+        retries: int,
+        total_s: float,
+        backoff_s: float,
+        backoff_max_s: float,
+        route_headers: bool = True,
+    ) -> None:
+        self.router = router
+        self.breakers = breakers
+        self.retries = retries
+        self.total_s = total_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.route_headers = route_headers
 
-    def resolve(self, ctx: RequestContext) -> Route:
+    def resolve(self, ctx: RequestContext) -> list[Route]:
         alias = ctx.model
-        route = self.routes.get(alias)
-        if route is None or ctx.policy is None:
+        if alias not in self.router.aliases or ctx.policy is None:
             raise NotFound(
                 f"The model `{alias}` does not exist or you do not have access to it.",
                 param="model",
@@ -66,26 +93,26 @@ class Forward:
             raise PermissionDenied(f"This API key is not allowed to use the model `{alias}`.", param="model")
         op = ctx.operation
         assert op is not None
-        provider = route.adapter.config
         needed = [OPERATION_CAPABILITY[op]]
         if ctx.body.get("stream") is True:
             needed.append(Capability.streaming)
         if ctx.body.get("tools") or ctx.body.get("functions"):
             needed.append(Capability.tools)
-        for capability in needed:
-            if not provider.supports(capability):
-                raise UnsupportedOperation(
-                    f"Provider '{route.adapter.name}' ({provider.__struct_config__.tag}) behind model "
-                    f"`{alias}` does not support {capability.value}.",
-                    param="model",
-                )
-        ctx.deployment = f"{route.adapter.name}/{route.target.model}"
-        return route
+        plan = self.router.plan(alias, needed)
+        if not plan:
+            first = self.router.aliases[alias].routes[0].adapter
+            lacking = next(c for c in needed if not first.config.supports(c))
+            raise UnsupportedOperation(
+                f"Provider '{first.name}' ({first.config.__struct_config__.tag}) behind model "
+                f"`{alias}` does not support {lacking.value}.",
+                param="model",
+            )
+        return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope["gateway"]
         try:
-            route = self.resolve(ctx)
+            plan = self.resolve(ctx)
         except GatewayError as exc:
             await ctx.send_error(send, exc)
             return
@@ -107,8 +134,9 @@ class Forward:
                 task.cancel()
 
         watcher.add_done_callback(on_message)
+        plan, counted = await self.router.acquire(ctx.model, plan)
         try:
-            await self.exchange(ctx, route, send)
+            await self.exchange(ctx, plan, send)
         except asyncio.CancelledError:
             if not state["gone"]:
                 raise
@@ -116,36 +144,106 @@ class Forward:
         finally:
             state["active"] = False
             watcher.cancel()
+            if counted is not None:
+                await self.router.release(counted)
 
-    async def exchange(self, ctx: RequestContext, route: Route, send: Send) -> None:
+    async def exchange(self, ctx: RequestContext, plan: list[Route], send: Send) -> None:
         op = ctx.operation
         assert op is not None
-        adapter = route.adapter
-        try:
-            payload = adapter.encode_body(op, ctx.body, route.target)
+        deadline = ctx.started + self.total_s
+        attempts = 0
+        tried: set[Route] = set()
+        timed_out: set[Route] = set()
+        last: GatewayError | Failed = ServiceUnavailable(
+            f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
+            code="deployments_unavailable",
+        )
+        index = 0
+        while attempts <= self.retries and time.perf_counter() < deadline:
+            route, probe = await self.next_route(plan, index, timed_out)
+            if route is None:
+                break
+            index = plan.index(route) + 1
+            if route in tried:
+                # The same deployment again: back off (full jitter), within the deadline.
+                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)))
+                if time.perf_counter() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+            tried.add(route)
+            attempts += 1
+            ctx.deployment = route.id
+            adapter = route.adapter
+            try:
+                payload = adapter.encode_body(op, ctx.body, route.target)
+            except GatewayError as exc:
+                if attempts == 1:
+                    await ctx.send_error(send, exc)  # the client's request: no other deployment changes that
+                    return
+                last = exc
+                continue
             sent = time.perf_counter()
-            response = await route.pool.request(
-                b"POST", adapter.target(op, route.target), adapter.request_headers, payload
-            )
-        except GatewayError as exc:
-            if isinstance(exc, UpstreamError):
-                log.warning("upstream %s failed: %s", adapter.name, exc.message)
-            await ctx.send_error(send, exc)
-            return
-        waited = time.perf_counter() - sent
-        try:
-            if response.status >= 400:
-                await self.relay_error(ctx, adapter, response, send)
-            else:
-                await self.relay(ctx, adapter, response, send, waited)
-        finally:
-            await response.aclose()
+            try:
+                response = await route.pool.request(
+                    b"POST", adapter.target(op, route.target), adapter.request_headers, payload
+                )
+            except UpstreamError as exc:
+                log.warning("upstream %s failed: %s", route.id, exc.message)
+                self.breakers.note_error(route.id, exc.message)
+                self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
+                if isinstance(exc, UpstreamTimeout):
+                    timed_out.add(route)
+                last = exc
+                continue
+            waited = time.perf_counter() - sent
+            route.observe(waited)
+            try:
+                if response.status < 400:
+                    self.breakers.record(route.id, Outcome.SUCCESS, probe=probe)
+                    await self.relay(ctx, route, response, send, waited, attempts)
+                    return
+                failed = await self.read_error(route, response)
+            finally:
+                await response.aclose()
+            outcome = Outcome.of_status(failed.status)
+            self.breakers.record(route.id, outcome, probe=probe)
+            last = failed
+            if outcome is Outcome.CLIENT_ERROR:
+                break  # the request itself is wrong: another deployment would say the same
+            self.breakers.note_error(route.id, f"HTTP {failed.status}")
+        if isinstance(last, Failed):
+            await self.send_failed(ctx, last, send, attempts)
+        else:
+            await ctx.send_error(send, last)
+
+    async def next_route(self, plan: list[Route], start: int, skip: set[Route]) -> tuple[Route | None, bool]:
+        """The next deployment from `start` (wrapping) that the breaker admits, and whether it is a probe."""
+        for offset in range(len(plan)):
+            route = plan[(start + offset) % len(plan)]
+            if route in skip:
+                continue
+            admission = await self.breakers.admit(route.id)
+            if admission is not Admission.REJECT:
+                return route, admission is Admission.PROBE
+        return None, False
+
+    def route_info(self, route: Route, attempts: int) -> list[tuple[bytes, bytes]]:
+        if not self.route_headers:
+            return []
+        return [(b"x-gateway-deployment", route.id.encode()), (b"x-gateway-attempts", b"%d" % attempts)]
 
     async def relay(
-        self, ctx: RequestContext, adapter: Adapter, response: UpstreamResponse, send: Send, waited: float
+        self,
+        ctx: RequestContext,
+        route: Route,
+        response: UpstreamResponse,
+        send: Send,
+        waited: float,
+        attempts: int,
     ) -> None:
         op = ctx.operation
         assert op is not None
+        adapter = route.adapter
         headers = [(k, v) for k, v in response.headers if k in _RELAYED]
         translator = adapter.stream_translator(op, ctx.body) if ctx.body.get("stream") is True else None
         body = None
@@ -162,6 +260,7 @@ class Forward:
                 return
         overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
         headers += ctx.headers()
+        headers += self.route_info(route, attempts)
         headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
         ctx.responded = True
         ctx.status = response.status
@@ -177,29 +276,35 @@ class Forward:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
-            # Too late for a status code: end the stream with an error event the SDKs raise.
-            log.warning("upstream stream broke: %s", exc.message)
+            # Too late for a status code or another deployment: end the stream with an error event.
+            log.warning("upstream %s stream broke: %s", route.id, exc.message)
+            self.breakers.record(route.id, Outcome.FAILURE)
             await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
             return
         await send({"type": "http.response.body", "body": translator.finish() if translator else b""})
 
-    async def relay_error(
-        self, ctx: RequestContext, adapter: Adapter, response: UpstreamResponse, send: Send
-    ) -> None:
-        """Upstream errors keep their status and message, in OpenAI's shape, with the provider key masked."""
+    async def read_error(self, route: Route, response: UpstreamResponse) -> Failed:
+        """An upstream error answer in OpenAI's shape, with the provider key masked."""
         raw = b""
-        async for chunk in response:
-            raw += chunk
-            if len(raw) > _ERROR_BODY_LIMIT:
-                break
+        with contextlib.suppress(UpstreamError):  # a body cut short: what arrived is all there is to show
+            async for chunk in response:
+                raw += chunk
+                if len(raw) > _ERROR_BODY_LIMIT:
+                    break
+        adapter: Adapter = route.adapter
         key = adapter.config.api_key.encode()
         if key:
             raw = raw.replace(key, b"***")
         status, body = adapter.translate_error(response.status, raw)
+        headers = [(k, v) for k, v in response.headers if k in _RETRY_HEADERS]
+        return Failed(route, status, body, headers)
+
+    async def send_failed(self, ctx: RequestContext, failed: Failed, send: Send, attempts: int) -> None:
         ctx.responded = True
-        ctx.status = status
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        headers += [(k, v) for k, v in response.headers if k in _RETRY_HEADERS]
+        ctx.status = failed.status
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(failed.body))]
+        headers += failed.headers
         headers += ctx.headers()
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        headers += self.route_info(failed.route, attempts)
+        await send({"type": "http.response.start", "status": failed.status, "headers": headers})
+        await send({"type": "http.response.body", "body": failed.body})

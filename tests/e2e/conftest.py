@@ -81,7 +81,11 @@ def default_config(
             {"name": "instruct", "deployments": [{"provider": "mock", "model": "mock-instruct"}]},
             {"name": "gpt-dead", "deployments": [{"provider": "dead", "model": "dead-model"}]},
         ],
-        "router": {"timeouts": {"connect_s": 5, "first_byte_s": FIRST_BYTE_S, "total_s": 30}},
+        # Error mapping is checked one upstream answer at a time: no retries, and a breaker
+        # that never opens (tests/e2e/test_replicas_breaker.py and the integration tests
+        # cover failover and the breaker).
+        "router": {"retries": 0, "timeouts": {"connect_s": 5, "first_byte_s": FIRST_BYTE_S, "total_s": 30}},
+        "breaker": {"failures": 100000},
     }
 
 

@@ -70,7 +70,11 @@ def azure_config(mock: MockAzure) -> dict[str, Any]:
         "models": [
             {"name": name, "deployments": [{"provider": p, "model": m}]} for name, (p, m) in aliases.items()
         ],
-        "router": {"timeouts": {"connect_s": 5, "first_byte_s": 5, "total_s": 30}},
+        # Error mapping is checked one upstream answer at a time: no retries, and a breaker
+        # that never opens (tests/e2e/test_replicas_breaker.py and the integration tests
+        # cover failover and the breaker).
+        "router": {"retries": 0, "timeouts": {"connect_s": 5, "first_byte_s": 5, "total_s": 30}},
+        "breaker": {"failures": 100000},
     }
 
 

@@ -71,7 +71,11 @@ def gateway(module_gateway_factory: GatewayFactory, cohere_mock: MockCohere) -> 
             {"name": "co-embed-default", "deployments": [deployment]},
             {"name": "co-revoked", "deployments": [{"provider": "co-revoked", "model": CHAT_MODEL}]},
         ],
-        "router": {"timeouts": {"connect_s": 5, "first_byte_s": 5, "total_s": 30}},
+        # Error mapping is checked one upstream answer at a time: no retries, and a breaker
+        # that never opens (tests/e2e/test_replicas_breaker.py and the integration tests
+        # cover failover and the breaker).
+        "router": {"retries": 0, "timeouts": {"connect_s": 5, "first_byte_s": 5, "total_s": 30}},
+        "breaker": {"failures": 100000},
     }
     return module_gateway_factory(config)
 

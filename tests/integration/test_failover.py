@@ -1,0 +1,147 @@
+"""Router, retries, failover and the breaker through the whole app, against two mock upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway import build_app, parse
+from tests.integration.conftest import KEY_A, Client
+from tests.mock_openai import MockOpenAI
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def second() -> Iterator[MockOpenAI]:
+    with MockOpenAI() as server:
+        yield server
+
+
+def config(mock: MockOpenAI, second: MockOpenAI, *, strategy: str = "priority", retries: int = 2,
+           failures: int = 3) -> str:
+    mock.reset()
+    second.reset()
+    return f"""
+auth:
+  keys: [{{name: a, key: {KEY_A}}}]
+providers:
+  one: {{type: openai, base_url: "{mock.base_url}", api_key: sk-upstream-secret}}
+  two: {{type: openai, base_url: "{second.base_url}", api_key: sk-upstream-secret}}
+  dead: {{type: openai, base_url: "http://127.0.0.1:9/v1", api_key: sk-dead}}
+models:
+  - name: main
+    strategy: {strategy}
+    deployments: [{{provider: one, model: mock-gpt-upstream}}, {{provider: two, model: mock-gpt-upstream}}]
+  - name: solo
+    deployments: [{{provider: one, model: mock-gpt-upstream}}]
+  - name: chain
+    fallbacks: [main]
+    deployments: [{{provider: dead, model: x}}]
+breaker: {{failures: {failures}, window_s: 5, cooldown_s: 0.3, max_cooldown_s: 1}}
+router: {{retries: {retries}, backoff_s: 0.01, backoff_max_s: 0.02, timeouts: {{connect_s: 1, first_byte_s: 0.5, total_s: 5}}}}
+"""
+
+
+@pytest.fixture
+async def app(mock: MockOpenAI, second: MockOpenAI, request: pytest.FixtureRequest) -> Any:
+    options = getattr(request, "param", {})
+    gw = build_app(parse(config(mock, second, **options), {}))
+    async with gw.lifespan(None):  # type: ignore[arg-type]
+        yield gw
+
+
+async def chat(app: Any, model: str = "main", **extra: Any) -> Any:
+    async with Client(app) as c:
+        return await c.chat(model=model, **extra)
+
+
+async def test_5xx_fails_over_to_the_next_deployment(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
+    mock.behave(status=503)
+    r = await chat(app)
+    assert r.status_code == 200
+    assert r.headers["x-gateway-deployment"] == "two/mock-gpt-upstream" and r.headers["x-gateway-attempts"] == "2"
+    assert len(mock.requests) == 1 and len(second.requests) == 1
+
+
+async def test_hung_deployment_fails_over_after_first_byte_timeout(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
+    mock.behave(hang=True)
+    r = await chat(app)
+    assert r.status_code == 200 and r.headers["x-gateway-deployment"] == "two/mock-gpt-upstream"
+
+
+async def test_client_errors_are_not_retried(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
+    mock.behave(status=400)
+    r = await chat(app)
+    assert r.status_code == 400 and r.headers["x-gateway-attempts"] == "1" and second.requests == []
+
+
+async def test_retries_are_bounded_and_return_the_last_error(app: Any, mock: MockOpenAI) -> None:
+    mock.behave(status=500)
+    r = await chat(app, model="solo")
+    assert r.status_code == 500 and r.headers["x-gateway-attempts"] == "3"  # 1 + retries
+    assert len(mock.requests) == 3
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_fallback_chain_across_aliases(app: Any, mock: MockOpenAI) -> None:
+    r = await chat(app, model="chain")
+    assert r.status_code == 200 and r.headers["x-gateway-deployment"] == "one/mock-gpt-upstream"
+
+
+async def test_breaker_opens_then_probe_closes_it(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
+    mock.behave(status=500)
+    for _ in range(3):
+        assert (await chat(app)).status_code == 200  # failed over each time
+    await app.breakers.flush()
+    assert app.breakers.state("one/mock-gpt-upstream") == "open"
+    seen = len(mock.requests)
+    for _ in range(5):
+        r = await chat(app)
+        assert r.status_code == 200 and r.headers["x-gateway-attempts"] == "1"
+    assert len(mock.requests) == seen  # the open deployment sees no traffic
+    async with Client(app, None) as c:
+        health = (await c.get("/health/providers")).json()["deployments"]
+    assert health["one/mock-gpt-upstream"]["state"] == "open"
+    assert health["one/mock-gpt-upstream"]["last_error"] == "HTTP 500"
+    mock.reset()  # recovered
+    await asyncio.sleep(0.35)  # cooldown over: the next request probes, succeeds, and closes it
+    r = await chat(app)
+    assert r.headers["x-gateway-deployment"] == "one/mock-gpt-upstream"
+    await app.breakers.flush()
+    assert app.breakers.state("one/mock-gpt-upstream") == "closed"
+
+
+async def test_every_deployment_open_is_503(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
+    mock.behave(status=500)
+    second.behave(status=500)
+    for _ in range(3):
+        await chat(app)
+    await app.breakers.flush()
+    r = await chat(app)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "deployments_unavailable"
+
+
+@pytest.mark.parametrize("app", [{"strategy": "weighted"}, {"strategy": "least_inflight"}, {"strategy": "lowest_latency"}], indirect=True)
+async def test_strategies_serve(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
+    for _ in range(6):
+        assert (await chat(app)).status_code == 200
+    assert len(mock.requests) + len(second.requests) == 6
+
+
+async def test_admin_resets_a_breaker(mock: MockOpenAI, second: MockOpenAI) -> None:
+    text = config(mock, second).replace("auth:\n", "auth:\n  admin_key: adm-failover-0123456789\n")
+    gw = build_app(parse(text, {}))
+    async with gw.lifespan(None):  # type: ignore[arg-type]
+        mock.behave(status=500)
+        for _ in range(3):
+            await chat(gw)
+        await gw.breakers.flush()
+        assert gw.breakers.state("one/mock-gpt-upstream") == "open"
+        async with Client(gw, "adm-failover-0123456789") as c:
+            r = await c.post("/admin/breakers/one/mock-gpt-upstream/reset")
+            assert r.status_code == 200 and r.json()["state"] == "closed"
+            assert (await c.post("/admin/breakers/nope/x/reset")).status_code == 404
