@@ -28,8 +28,9 @@ check-config: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(BIN)/pytest --cov=gateway --cov-report=term-missing:skip-covered
 
+# gateway vs direct on a mock upstream, ~3.5 min; BENCH_ARGS=--quick for a smoke run (~20 s)
 bench: $(VENV)/.runtime
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .coverage

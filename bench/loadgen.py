@@ -5,7 +5,7 @@ back: a worker sends again as soon as its previous answer is complete. Per reque
 total latency (send -> last byte) and the time to first body byte (for a stream: its first SSE
 event). The measured window opens after the warm-up; CPU probes are read at its two edges and the
 edges are the instants of those reads, so CPU time and completed requests cover the same interval
-(the probes are read in order at the opening and in reverse at the closing: list the slow first).
+(the probes are read in order at the opening and in reverse at the closing).
 Raw asyncio + uvloop + httptools keep the client's own cost at tens of µs per request.
 
   python -m bench.loadgen http://127.0.0.1:8000/v1/chat/completions -c 32 -H 'Authorization: Bearer k'

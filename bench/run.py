@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
+import itertools
 import os
 import platform
 import secrets
@@ -37,7 +39,7 @@ import httptools
 import orjson
 import uvloop
 
-from bench.loadgen import Probe, Validator, build_request, chat_validator, fetch, run_load, sse_validator
+from bench.loadgen import Validator, build_request, chat_validator, fetch, run_load, sse_validator
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -47,8 +49,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 10.0
 STOP_GRACE_S = 5.0
+LOG_KEEP_LINES = 200  # per end of a server log
 NOISE_PCT = 5.0  # CPU of other processes (% of a core) above which the table calls the run noisy
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None)
 
 
 class BenchError(Exception):
@@ -105,16 +108,16 @@ class Proc:
 
     def __init__(self, name: str, cmd: str, log_path: Path) -> None:
         self.name, self.log_path = name, log_path
-        self.log = log_path.open("ab")
-        self.popen = subprocess.Popen(
-            ["bash", "-c", cmd],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                ["bash", "-c", cmd],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.pids = [self.popen.pid]
 
     def alive(self) -> bool:
@@ -152,9 +155,9 @@ class Proc:
         return sorted(cpus)
 
     def tail(self, lines: int = 25) -> str:
-        self.log.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return "\n".join("    " + line for line in text)
+        with self.log_path.open("rb") as f:
+            last = collections.deque(f, lines)
+        return "\n".join("    " + line.decode(errors="replace").rstrip() for line in last)
 
     def stop(self) -> None:
         try:
@@ -168,22 +171,35 @@ class Proc:
             self.popen.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             progress(f"warning: {self.name} (pid {self.popen.pid}) survived SIGKILL")
-        self.log.close()
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        """An access-log line per request makes ~100 MB a run: keep only the first and last lines."""
+        with self.log_path.open("rb") as f:
+            head = list(itertools.islice(f, LOG_KEEP_LINES))
+            tail: collections.deque[bytes] = collections.deque(maxlen=LOG_KEEP_LINES)
+            cut = 0
+            for line in f:
+                cut += len(tail) == LOG_KEEP_LINES
+                tail.append(line)
+        if cut:
+            self.log_path.write_bytes(b"".join(head) + b"[... %d lines cut ...]\n" % cut + b"".join(tail))
 
 
-def foreign_cpu_s(ours: list[Proc]) -> Probe:
-    """CPU seconds of every process outside this run: on two cores, any of them competes with the run."""
-    me = os.getpid()
+def _cpu_line() -> list[int]:
+    """user nice system idle iowait irq softirq steal, in ticks over all CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
 
-    def probe() -> float:
-        sessions = {str(p.popen.pid) for p in ours}
-        ticks = 0
-        for d in os.listdir("/proc"):
-            if d.isdigit() and int(d) != me and (f := _stat(int(d))) and f[3] not in sessions:
-                ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-        return ticks / CLK_TCK
 
-    return probe
+def machine_busy_s() -> float:
+    user, nice, system, _idle, _iowait, irq, softirq, _steal = _cpu_line()
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def steal_s() -> float:
+    """Time the hypervisor gave this VM's CPUs to someone else."""
+    return _cpu_line()[7] / CLK_TCK
 
 
 def free_port() -> int:
@@ -314,12 +330,13 @@ async def bench(args: argparse.Namespace, logs: Path, record: dict[str, Any], pr
         if LOAD_CPU in gw.cpus():
             progress(f"warning: the gateway may run on CPU {LOAD_CPU} (with the load): {gw.cpus()}")
         order = [direct, gateway] if r % 2 == 0 else [gateway, direct]
-        # The slow /proc scan first: the probes read nearest the window's edges are the last ones.
+        # Read in this order when the window opens, in reverse when it closes: the gateway nearest its edges.
         probes = {
-            "others": foreign_cpu_s([mock, gw]),
-            "gateway": gw.cpu_s,
+            "machine": machine_busy_s,
+            "steal": steal_s,
             "mock": mock.cpu_s,
             "loadgen": time.process_time,
+            "gateway": gw.cpu_s,
         }
         rnd: dict[str, Any] = {
             "round": r + 1,
@@ -348,8 +365,11 @@ async def bench(args: argparse.Namespace, logs: Path, record: dict[str, Any], pr
                     probes=probes,
                 )
                 s = rnd["runs"].setdefault(sc.name, {})[target.name] = res.summary()
-                if (foreign := s["cpu_pct"]["others"]) is not None:
-                    record["max_foreign_cpu_pct"] = max(record.get("max_foreign_cpu_pct", 0.0), foreign)
+                # On two cores anything else running competes with the run: make it visible.
+                pct = s["cpu_pct"]
+                if pct["machine"] is not None:
+                    ours = pct["gateway"] + pct["mock"] + pct["loadgen"]
+                    pct["others"] = round(max(0.0, pct["machine"] - ours), 1)
                 progress(
                     f"round {r + 1}/{args.rounds} {sc.name:9} {target.name:7}: {s['rps']:9,.0f}/s  "
                     f"p50 {s['latency_ms']['p50']} ms  ttfb p50 {s['ttfb_ms']['p50']} ms  "
@@ -445,7 +465,12 @@ def render(record: dict[str, Any]) -> str:
     args, rounds = record["args"], record["rounds"]
 
     def num(v: float | None, fmt: str, sign: bool = False) -> str:
-        return "—" if v is None else ("+" if sign and v >= 0 else "") + fmt.format(v)
+        if v is None:
+            return "—"
+        text = fmt.format(v)
+        if float(text.replace(",", "")) == 0:
+            text = fmt.format(0.0)  # not "-0.000"
+        return ("+" if sign and not text.startswith("-") else "") + text
 
     lines = [
         f"Gateway vs direct, {len(rounds)} round(s) x "
@@ -470,12 +495,22 @@ def render(record: dict[str, Any]) -> str:
     lines.append(f"| gateway peak RSS (MiB, VmHWM, max of rounds) | — | {max(rss) if rss else '—'} | | | | |")
     errors = record["errors"]
     lines.append(f"| failed requests (all runs) | {errors['direct']} | {errors['gateway']} | | | | |")
-    foreign = record.get("max_foreign_cpu_pct", 0.0)
-    if foreign > NOISE_PCT:
+    noise = {
+        t: [
+            run[t]["cpu_pct"]["others"] + run[t]["cpu_pct"]["steal"]
+            for rnd in rounds
+            for run in rnd["runs"].values()
+            if "others" in run.get(t, {}).get("cpu_pct", {})
+        ]
+        for t in ("direct", "gateway")
+    }
+    cells = " | ".join(f"{statistics.median(v):.0f}" if v else "—" for v in noise.values())
+    lines.append(f"| noise: other processes' CPU + steal (% of a core, median) | {cells} | | | | |")
+    if (worst := max(noise["direct"] + noise["gateway"], default=0.0)) > NOISE_PCT:
         lines += [
             "",
-            f"Noisy: other processes on this machine used up to {foreign:.0f}% of a core during a "
-            "measurement (cpu_pct.others in the JSON).",
+            f"Noisy: other processes and hypervisor steal took up to {worst:.0f}% of a core during a "
+            "measurement (cpu_pct.others and cpu_pct.steal in the JSON); rerun on a quiet machine.",
         ]
     if record["flagged"]:
         lines += ["", f"**FLAGGED**: {record['flagged']}"]
@@ -516,7 +551,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        default=bool(env("BENCH_QUICK")),
+        default=env("BENCH_QUICK", "0") not in ("", "0"),
         help="smoke run: 1 round, 1 s warm-up, 2 s per scenario",
     )
     args = ap.parse_args()
@@ -577,15 +612,10 @@ def main() -> int:
         for t in ("direct", "gateway")
     }
     failed = sum(record["errors"].values())
-    record["flagged"] = "; ".join(
-        filter(
-            None,
-            [
-                record.get("aborted", "").partition("\n")[0],
-                f"{failed} failed request(s), see the JSON" if failed else "",
-            ],
-        )
-    )
+    reasons = [record["aborted"].partition("\n")[0]] if "aborted" in record else []
+    if failed:
+        reasons.append(f"{failed} failed request(s), see the JSON")
+    record["flagged"] = "; ".join(reasons)
     record["summary"] = summarize(record["rounds"])
     out = results / f"{stamp}.json"
     out.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))

@@ -68,6 +68,8 @@ class AdminAPI:
         self._admin_digest = hmac.digest(b"admin", admin_key.encode(), "sha256") if admin_key else None
         self.keys = keys
         self.breakers = breakers
+        # Set by the Gateway: reloads the config file, returning its problems ([] when swapped).
+        self.reloader: Callable[[], Awaitable[list[str]]] | None = None
 
     def routes(self) -> list[Route]:
         return [
@@ -77,9 +79,8 @@ class AdminAPI:
             Route("/admin/keys/{key_id}", self.guard(self.update_key), methods=["PATCH"]),
             Route("/admin/keys/{key_id}", self.guard(self.revoke_key), methods=["DELETE"]),
             Route("/admin/keys/{key_id}/rotate", self.guard(self.rotate_key), methods=["POST"]),
-            Route(
-                "/admin/breakers/{deployment:path}/reset", self.guard(self.reset_breaker), methods=["POST"]
-            ),
+            Route("/admin/breakers/{name:path}/reset", self.guard(self.reset_breaker), methods=["POST"]),
+            Route("/admin/reload", self.guard(self.reload), methods=["POST"]),
         ]
 
     def guard(self, handler: Handler) -> Handler:
@@ -171,11 +172,17 @@ class AdminAPI:
         return JSONResponse({**record.public(), "secret": secret, "propagation": propagation})
 
     async def reset_breaker(self, request: Request) -> Response:
-        deployment = request.path_params["deployment"]
+        deployment = request.path_params["name"]
         if deployment not in self.breakers.snapshot():
             raise NotFound(f"No deployment '{deployment}'.", code="deployment_not_found")
         await self.breakers.reset(deployment)
         return JSONResponse({"deployment": deployment, "state": self.breakers.state(deployment)})
+
+    async def reload(self, request: Request) -> Response:
+        problems = await self.reloader() if self.reloader is not None else ["reload is not available"]
+        if problems:
+            raise InvalidRequest("The config was not reloaded: " + "; ".join(problems), code="invalid_config")
+        return JSONResponse({"reloaded": True})
 
     async def revoke_key(self, request: Request) -> Response:
         record = self.record(request, writable=True)

@@ -9,11 +9,14 @@ router; Starlette serves the rest and runs the lifespan (pools, store).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -69,14 +72,25 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(ServerError("The server had an error processing your request."))
 
 
-class Gateway:
-    """The ASGI application: state lives here, built from one config snapshot."""
+class Snapshot:
+    """Everything built from one config: the store, pools, routes, auth and the middleware stack.
 
-    def __init__(self, config: Config) -> None:
+    A reload builds a new one, reusing the store and the pools whose config did not change.
+    """
+
+    def __init__(self, config: Config, previous: Snapshot | None = None) -> None:
         self.config = config
         self.created = int(time.time())
-        self.store: Store = store_from_url(
-            config.store.url, timeout_s=config.store.timeout_s, max_connections=config.store.max_connections
+        self.inflight = 0  # requests being served by this snapshot
+        same_store = previous is not None and previous.config.store == config.store
+        self.store: Store = (
+            previous.store
+            if same_store and previous is not None
+            else store_from_url(
+                config.store.url,
+                timeout_s=config.store.timeout_s,
+                max_connections=config.store.max_connections,
+            )
         )
         t = config.router.timeouts
         timeouts = Timeouts(
@@ -86,12 +100,16 @@ class Gateway:
         self.pools: dict[str, UpstreamPool] = {}
         adapters = {}
         for name, provider in config.enabled_providers().items():
-            pool = UpstreamPool(
-                provider.url,
-                max_connections=provider.max_connections,
-                timeouts=timeouts,
-                keepalive_expiry_s=provider.keepalive_s,
-            )
+            old = previous.pools.get(name) if previous is not None else None
+            if old is not None and previous.config.providers[name] == provider and old.timeouts == timeouts:
+                pool = old
+            else:
+                pool = UpstreamPool(
+                    provider.url,
+                    max_connections=provider.max_connections,
+                    timeouts=timeouts,
+                    keepalive_expiry_s=provider.keepalive_s,
+                )
             self.pools[name] = pool
             adapters[name] = build_adapter(name, provider, pool.base_path)
         aliases: dict[str, Alias] = {}
@@ -110,8 +128,9 @@ class Gateway:
         self.breakers = Breakers(self.store, config.breaker)
 
         self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
+        self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers)
         routes = [
-            *AdminAPI(config.auth.admin_key, self.keys, self.breakers).routes(),
+            *self.admin.routes(),
             StarletteRoute("/healthz", self.healthz),
             StarletteRoute("/health/providers", self.health_providers),
             StarletteRoute("/readyz", self.readyz),
@@ -119,9 +138,7 @@ class Gateway:
             StarletteRoute("/v1/models/{model:path}", self.get_model),
         ]
         starlette = Starlette(
-            routes=routes,
-            lifespan=self.lifespan,
-            exception_handlers={HTTPException: _http_exception, Exception: _server_error},
+            routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
         )
         r = config.router
         forward = Forward(
@@ -152,15 +169,11 @@ class Gateway:
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
         self.app = AccessLogMiddleware(app) if config.server.access_log else app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+    async def start(self) -> None:
         try:
             await self.store.ping()
         except StoreError as exc:
-            log.warning("store is not reachable at start: %s", exc)
+            log.warning("store is not reachable: %s", exc)
         await self.keys.start()
         await self.breakers.start(r.id for a in self.routes.values() for r in a.routes)
         if self.jwt is not None:
@@ -169,15 +182,21 @@ class Gateway:
             except KeyLoadError as exc:
                 log.error("jwt: %s; tokens of that issuer are refused until its keys load", exc)
         log.info("gateway ready: %d models, %d providers", len(self.routes), len(self.pools))
-        try:
-            yield
-        finally:
-            await self.keys.aclose()
-            await self.breakers.aclose()
-            if self.jwt is not None:
-                await self.jwt.wait_refreshes()
-            for pool in self.pools.values():
+
+    async def aclose(self, successor: Snapshot | None = None) -> None:
+        """Release what `successor` does not reuse, once this snapshot's requests have finished."""
+        deadline = time.monotonic() + self.config.router.timeouts.total_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.keys.aclose()
+        await self.breakers.aclose()
+        if self.jwt is not None:
+            await self.jwt.wait_refreshes()
+        kept = set(map(id, successor.pools.values())) if successor is not None else set()
+        for pool in self.pools.values():
+            if id(pool) not in kept:
                 await pool.aclose()
+        if successor is None or successor.store is not self.store:
             await self.store.aclose()
 
     async def healthz(self, request: Request) -> Response:
@@ -222,12 +241,99 @@ class Gateway:
         return JSONResponse(self._model(alias))
 
 
-def build_app(config: Config) -> Gateway:
-    return Gateway(config)
+class Gateway:
+    """The ASGI application: serves the current Snapshot and swaps it on reload.
+
+    Requests in flight finish on the snapshot they started with; its unshared
+    parts are closed after they end. Reload: SIGHUP, or POST /admin/reload.
+    """
+
+    def __init__(self, config: Config, path: str | None = None) -> None:
+        self.path = path
+        self.snapshot = Snapshot(config)
+        self.snapshot.admin.reloader = self.reload
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        snapshot = self.snapshot
+        snapshot.inflight += 1
+        try:
+            await snapshot.app(scope, receive, send)
+        finally:
+            snapshot.inflight -= 1
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """The ASGI lifespan protocol, served here rather than by a snapshot: it outlives reloads."""
+        await receive()  # lifespan.startup
+        phase = "startup"
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                phase = "shutdown"
+                await receive()  # lifespan.shutdown
+        except Exception as exc:
+            log.exception("gateway %s failed", phase)
+            await send({"type": f"lifespan.{phase}.failed", "message": exc.__class__.__name__})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: object = None) -> AsyncIterator[None]:
+        await self.snapshot.start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_quietly()))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            if self._closing:
+                await asyncio.gather(*self._closing)
+            await self.snapshot.aclose()
+
+    async def reload(self) -> list[str]:
+        """Load the config file again: the problems it has (nothing changed), or [] once swapped."""
+        if self.path is None:
+            return ["the gateway was not started from a config file"]
+        try:
+            config = config_module.load(self.path)
+        except config_module.ConfigError as exc:
+            return exc.problems
+        old = self.snapshot
+        new = Snapshot(config, previous=old)
+        new.admin.reloader = self.reload
+        await new.start()
+        self.snapshot = new  # one assignment: every later request sees the new config
+        self._spawn(old.aclose(successor=new))
+        log.info("config reloaded from %s", self.path)
+        return []
+
+    async def _reload_quietly(self) -> None:
+        problems = await self.reload()
+        if problems:
+            log.error("config reload refused, nothing changed: %s", "; ".join(problems))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # Tests and tools reach the current snapshot's parts through the gateway.
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.snapshot, name)
+
+
+def build_app(config: Config, path: str | None = None) -> Gateway:
+    return Gateway(config, path)
 
 
 def app_from_env() -> Gateway:
     """uvicorn factory (`gateway.app:app_from_env`): each worker process loads the config itself."""
-    config = config_module.load(os.environ["GATEWAY_CONFIG"])
+    path = os.environ["GATEWAY_CONFIG"]
+    config = config_module.load(path)
     logs.configure(config.secrets(), os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    return build_app(config)
+    return build_app(config, path)
