@@ -11,9 +11,9 @@ from gateway import admin_cli
 from gateway import config as config_module
 
 
-def _load(path: str) -> config_module.Config | None:
+def _load(path: str, *, warn: bool = True) -> config_module.Config | None:
     try:
-        return config_module.load(path)
+        return config_module.load(path, warn=warn)
     except config_module.ConfigError as exc:
         print(f"{path}: invalid config", file=sys.stderr)
         for problem in exc.problems:
@@ -37,7 +37,7 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, warn=False)  # each worker warns once as it loads the file
     if config is None:
         return 1
     import uvicorn
