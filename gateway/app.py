@@ -284,12 +284,12 @@ class Gateway:
     async def lifespan(self, _: object = None) -> AsyncIterator[None]:
         await self.snapshot.start()
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+        with contextlib.suppress(RuntimeError):  # no signal handlers off the main thread
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_quietly()))
         try:
             yield
         finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            with contextlib.suppress(RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)
             if self._closing:
                 await asyncio.gather(*self._closing)
