@@ -38,14 +38,16 @@ from gateway.middleware.access_log import AccessLogMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.probes import Prober
 from gateway.providers import Operation, Target, build_adapter
 from gateway.router import Alias, Route, Router
-from gateway.store import Store, StoreError, store_from_url
+from gateway.store import Store, StoreError, Subscription, store_from_url
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
 
 log = logging.getLogger("gateway")
 
+RELOADS = "gw:{admin}:reload"  # channel: a process reloaded its config; the others should too
 HOT_ROUTES: dict[str, Operation] = {f"/v1/{op.value}": op for op in Operation}
 
 
@@ -129,6 +131,13 @@ class Snapshot:
 
         self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
         self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers)
+        interval = config.router.probe_interval_s
+        every_route = [route for alias in aliases.values() for route in alias.routes]
+        self.prober = (
+            Prober(every_route, self.breakers, interval, config.router.timeouts.connect_s)
+            if interval
+            else None
+        )
         routes = [
             *self.admin.routes(),
             StarletteRoute("/healthz", self.healthz),
@@ -176,6 +185,8 @@ class Snapshot:
             log.warning("store is not reachable: %s", exc)
         await self.keys.start()
         await self.breakers.start(r.id for a in self.routes.values() for r in a.routes)
+        if self.prober is not None:
+            self.prober.start()
         if self.jwt is not None:
             try:
                 await self.jwt.load()
@@ -188,6 +199,8 @@ class Snapshot:
         deadline = time.monotonic() + self.config.router.timeouts.total_s
         while self.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.prober is not None:
+            await self.prober.aclose()
         await self.keys.aclose()
         await self.breakers.aclose()
         if self.jwt is not None:
@@ -251,8 +264,10 @@ class Gateway:
     def __init__(self, config: Config, path: str | None = None) -> None:
         self.path = path
         self.snapshot = Snapshot(config)
-        self.snapshot.admin.reloader = self.reload
+        self.snapshot.admin.reloader = self.reload_everywhere
         self._closing: set[asyncio.Task[None]] = set()
+        self._id = os.urandom(8).hex().encode()  # tells this process's own reload broadcasts apart
+        self._reloads: Subscription | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -283,6 +298,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _: object = None) -> AsyncIterator[None]:
         await self.snapshot.start()
+        await self._listen_for_reloads()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(RuntimeError):  # no signal handlers off the main thread
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_quietly()))
@@ -291,6 +307,8 @@ class Gateway:
         finally:
             with contextlib.suppress(RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            if self._reloads is not None:
+                await self._reloads.aclose()
             if self._closing:
                 await asyncio.gather(*self._closing)
             await self.snapshot.aclose()
@@ -305,12 +323,37 @@ class Gateway:
             return exc.problems
         old = self.snapshot
         new = Snapshot(config, previous=old)
-        new.admin.reloader = self.reload
+        new.admin.reloader = self.reload_everywhere
         await new.start()
         self.snapshot = new  # one assignment: every later request sees the new config
         self._spawn(old.aclose(successor=new))
+        if new.store is not old.store:
+            await self._listen_for_reloads()
         log.info("config reloaded from %s", self.path)
         return []
+
+    async def reload_everywhere(self) -> list[str]:
+        """The admin call: reload here, then tell every other process on the store (workers, replicas)."""
+        problems = await self.reload()
+        if not problems:
+            try:
+                await self.snapshot.store.publish(RELOADS, self._id)
+            except StoreError as exc:
+                log.error("reload not announced to other processes: %s", exc)
+        return problems
+
+    async def _listen_for_reloads(self) -> None:
+        if self._reloads is not None:
+            await self._reloads.aclose()
+        try:
+            self._reloads = await self.snapshot.store.subscribe(RELOADS, self._on_reload)
+        except StoreError as exc:
+            self._reloads = None
+            log.error("not listening for reload broadcasts: %s", exc)
+
+    def _on_reload(self, origin: bytes) -> None:
+        if origin != self._id:
+            self._spawn(self._reload_quietly())
 
     async def _reload_quietly(self) -> None:
         problems = await self.reload()

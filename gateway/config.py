@@ -100,6 +100,7 @@ class RouterConfig(Struct):
     backoff_s: PositiveFloat = 0.1  # first retry of the same deployment waits up to this (full jitter)...
     backoff_max_s: PositiveFloat = 2.0  # ...doubling per attempt, capped here
     headers: bool = True  # x-gateway-deployment and x-gateway-attempts on answers
+    probe_interval_s: PositiveFloat | None = None  # active probes of open breakers (off when unset)
     timeouts: Timeouts = Timeouts()
 
 

@@ -104,6 +104,9 @@ class AnthropicAdapter(Adapter):
     def target(self, op: Operation, target: Target) -> bytes:
         return f"{self.base_path}/v1/messages".encode()
 
+    def probe_url(self) -> str:
+        return self.config.url + "/v1/models"
+
     def encode_body(self, op: Operation, body: dict[str, Any], target: Target) -> bytes:
         if op is not Operation.chat:
             # Only reachable when an operator's `capabilities` claims more than the Messages API does.

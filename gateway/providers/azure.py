@@ -91,6 +91,9 @@ class AzureOpenAIAdapter(Adapter):
             self._deployments[target.model] = deployment
         return deployment + self._suffixes[op]
 
+    def probe_url(self) -> str:
+        return f"{self.config.url}/openai/models?api-version={self.config.api_version}"
+
     def encode_body(self, op: Operation, body: dict[str, Any], target: Target) -> bytes:
         for param in _REFUSED:
             if param in body:

@@ -162,6 +162,10 @@ class Adapter(abc.ABC):
         body["model"] = target.model
         return orjson.dumps(body)
 
+    def probe_url(self) -> str:
+        """A cheap authenticated GET that tells whether the provider answers (the health probe)."""
+        return self.config.url + "/models"
+
     def translate_response(self, op: Operation, request: dict[str, Any], body: bytes) -> bytes:
         """A successful JSON answer in OpenAI's shape (only called on adapters that override it).
 

@@ -50,6 +50,9 @@ class CohereAdapter(Adapter):
         path = "/v2/embed" if op is Operation.embeddings else "/v2/chat"
         return f"{self.base_path}{path}".encode()
 
+    def probe_url(self) -> str:
+        return self.config.url + "/v1/models"
+
     def encode_body(self, op: Operation, body: dict[str, Any], target: Target) -> bytes:
         if op is Operation.chat:
             payload = self._chat(body, target)

@@ -62,3 +62,23 @@ def test_bad_reload_keeps_serving(gateway_factory: Any, mock_upstream: MockOpenA
         r = c.post("/v1/chat/completions", headers={"authorization": f"Bearer {TEAM_A_KEY}"},
                    json={"model": "gpt-mini", "messages": [{"role": "user", "content": "x"}]})
     assert "unknown provider 'nope'" in gw.log_text() and r.status_code == 200
+
+
+@pytest.mark.redis
+def test_admin_reload_reaches_every_replica(gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str) -> None:
+    config = default_config(mock_upstream, store_url=redis_url)
+    a: GatewayProcess = gateway_factory(config)
+    b: GatewayProcess = gateway_factory(config)
+    config["models"].append({"name": "gpt-new", "deployments": [{"provider": "mock", "model": "mock-gpt-upstream"}]})
+    config["auth"]["keys"][0]["models"].append("gpt-new")
+    for gw in (a, b):
+        gw.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with a.http(api_key=ADMIN_KEY, timeout=10) as admin:
+        assert admin.post("/admin/reload").json() == {"reloaded": True}
+    body = {"model": "gpt-new", "messages": [{"role": "user", "content": "x"}]}
+    with b.http(api_key=TEAM_A_KEY, timeout=10) as c:
+        for _ in range(50):
+            if c.post("/v1/chat/completions", json=body).status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.post("/v1/chat/completions", json=body).status_code == 200

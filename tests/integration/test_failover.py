@@ -145,3 +145,23 @@ async def test_admin_resets_a_breaker(mock: MockOpenAI, second: MockOpenAI) -> N
             r = await c.post("/admin/breakers/one/mock-gpt-upstream/reset")
             assert r.status_code == 200 and r.json()["state"] == "closed"
             assert (await c.post("/admin/breakers/nope/x/reset")).status_code == 404
+
+
+async def test_active_probe_closes_an_open_breaker_early(mock: MockOpenAI, second: MockOpenAI) -> None:
+    text = config(mock, second).replace("cooldown_s: 0.3, max_cooldown_s: 1", "cooldown_s: 30, max_cooldown_s: 60").replace(
+        "router: {retries", "router: {probe_interval_s: 0.1, retries")
+    gw = build_app(parse(text, {}))
+    async with gw.lifespan(None):  # type: ignore[arg-type]
+        mock.behave(status=500, path="/v1/chat/completions")
+        for _ in range(3):
+            await chat(gw)
+        await gw.breakers.flush()
+        assert gw.breakers.state("one/mock-gpt-upstream") == "open"
+        mock.reset()  # recovered; the probe (GET /v1/models) finds out long before the 30 s cooldown
+        for _ in range(50):
+            if gw.breakers.state("one/mock-gpt-upstream") == "closed":
+                break
+            await asyncio.sleep(0.05)
+        assert gw.breakers.state("one/mock-gpt-upstream") == "closed"
+        assert any(r.path == "/v1/models" for r in mock.requests)
+        assert (await chat(gw)).headers["x-gateway-deployment"] == "one/mock-gpt-upstream"
