@@ -152,6 +152,8 @@ async def test_stream_reset_midway_ends_with_error_event(client: Client, mock: M
         assert r.status_code == 200
         text = (await r.aread()).decode()
     assert "event: error" in text and "[DONE]" not in text
+    # Bytes had reached the client: no retry, although router.retries allows two.
+    assert len(mock.requests_to("/v1/chat/completions")) == 1
 
 
 async def test_client_disconnect_cancels_upstream(gw: Any, mock: MockOpenAI) -> None:
