@@ -21,7 +21,7 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,6 +31,9 @@ import uvloop
 # (status, body) -> None when the answer is right, else a short error kind
 Validator = Callable[[int, bytes], str | None]
 Probe = Callable[[], float]  # cumulative CPU seconds of something
+# Per request: perf_counter_ns() at its end (CLOCK_MONOTONIC, as the mock's timestamps), its error kind
+# or None, and the deployment that answered (the gateway's x-gateway-deployment header, else "").
+TraceEntry = tuple[int, str | None, str]
 
 
 def build_request(
@@ -70,6 +73,32 @@ def sse_validator(events: int) -> Validator:
     return check
 
 
+def chunks_validator(contents: int) -> Validator:
+    """Parses every event: OpenAI chat.completion.chunk events, `contents` of them with content, one
+    more each side (role, finish), then [DONE]. For streams a gateway translated from another API."""
+
+    def check(status: int, body: bytes) -> str | None:
+        if status != 200:
+            return f"status_{status}"
+        events = body.split(b"\n\n")
+        if events[-2:] != [b"data: [DONE]", b""]:
+            return "stream_without_done"
+        if len(events) != contents + 4:
+            return "stream_event_count"
+        with_content = 0
+        for event in events[:-2]:
+            try:
+                chunk = orjson.loads(event.removeprefix(b"data: "))
+                if chunk["object"] != "chat.completion.chunk":
+                    return "not_a_chunk"
+                with_content += bool(chunk["choices"][0]["delta"].get("content"))
+            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+                return "bad_chunk"
+        return None if with_content == contents else "stream_content_count"
+
+    return check
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -79,6 +108,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.keep_alive = True
         self.t_send = self.t_first = self.t_end = 0
+        self.deployment = ""  # filled by _TracedConn only
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -122,17 +152,52 @@ class _Conn(asyncio.Protocol):
             self.waiter.set_result(None)
 
 
-async def fetch(host: str, port: int, request: bytes, timeout: float) -> tuple[int, bytes]:
-    """One request on a fresh connection (readiness and sanity checks)."""
+class TimedConn(_Conn):
+    """Also keeps when each piece of the body arrived (perf_counter seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[float] = []
+
+    def on_message_begin(self) -> None:
+        self.arrivals = []
+
+    def on_body(self, body: bytes) -> None:
+        self.arrivals.append(time.perf_counter())
+        super().on_body(body)
+
+
+class _TracedConn(_Conn):
+    """Also reads the headers (httptools calls on_header only where it exists: not on the plain one)."""
+
+    def on_message_begin(self) -> None:
+        self.deployment = ""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"x-gateway-deployment":
+            self.deployment = value.decode()
+
+
+C = TypeVar("C", bound=_Conn)
+
+
+async def exchange(host: str, port: int, request: bytes, timeout: float, protocol: type[C]) -> C:
+    """One request on a fresh connection; returns the closed connection, its answer read."""
     loop = asyncio.get_running_loop()
-    _, conn = await asyncio.wait_for(loop.create_connection(_Conn, host, port), timeout)
+    _, conn = await asyncio.wait_for(loop.create_connection(protocol, host, port), timeout)
     try:
         waiter = loop.create_future()
         conn.send(request, waiter)
         await asyncio.wait_for(waiter, timeout)
-        return conn.status, b"".join(conn.body)
+        return conn
     finally:
         conn.close()
+
+
+async def fetch(host: str, port: int, request: bytes, timeout: float) -> tuple[int, bytes]:
+    """One request on a fresh connection (readiness and sanity checks)."""
+    conn = await exchange(host, port, request, timeout, _Conn)
+    return conn.status, b"".join(conn.body)
 
 
 def percentile(sorted_ns: list[int], p: float) -> float | None:
@@ -189,8 +254,10 @@ async def run_load(
     duration: float,
     timeout: float = 10.0,
     probes: dict[str, Probe] | None = None,
+    trace: list[TraceEntry] | None = None,
 ) -> LoadResult:
-    """Bounded: warm-up + duration, then at most `timeout` to drain the requests in flight."""
+    """Bounded: warm-up + duration, then at most `timeout` to drain the requests in flight.
+    With `trace`, every request (warm-up and drain included) is appended to it."""
     loop = asyncio.get_running_loop()
     probes = probes or {}
     res = LoadResult()
@@ -220,7 +287,8 @@ async def run_load(
                     c._fail(TimeoutError(f"no complete answer within {timeout} s"))
 
     async def connect() -> _Conn:
-        _, conn = await asyncio.wait_for(loop.create_connection(_Conn, host, port), timeout)
+        protocol = _Conn if trace is None else _TracedConn
+        _, conn = await asyncio.wait_for(loop.create_connection(protocol, host, port), timeout)
         return conn
 
     async def worker(slot: int) -> None:
@@ -236,12 +304,16 @@ async def run_load(
                 await waiter
             except (OSError, TimeoutError, httptools.HttpParserError) as exc:
                 res.error(type(exc).__name__, repr(exc))
+                if trace is not None:
+                    trace.append((time.perf_counter_ns(), type(exc).__name__, ""))
                 if conn is not None:
                     conn.close()
                 conn = conns[slot] = None
                 await asyncio.sleep(0.05)  # a refused or dead server must not make this spin
                 continue
             kind = validate(conn.status, b"".join(conn.body))
+            if trace is not None:
+                trace.append((conn.t_end, kind, conn.deployment))
             if kind is not None:
                 body = b"".join(conn.body)
                 res.error(kind, repr(body if len(body) <= 300 else body[:150] + b" ... " + body[-150:]))

@@ -8,27 +8,24 @@ the gateway back to back, in the opposite order every other round so that drift 
   chat_c32   non-stream chat, 32 connections: throughput, gateway CPU ms per request
   stream_c8  20-chunk SSE streams, 8 connections: TTFB and total p50, gateway CPU ms per stream
 
+Instead of that suite, `--providers` (bench/providers.py) measures what stream translation costs per
+provider, and `--failover` (bench/failover.py) takes one of two deployments down under load.
+
 Medians over rounds go to one markdown table on stdout, every round's raw numbers to
 bench/results/<timestamp>.json (server logs and the generated config in bench/results/<timestamp>/).
-Exit status: 0; 1 when a request failed (the run is flagged); 2 when a server did not start or died.
+Exit status: 0; 1 when a request failed (the run is flagged; not for the failures `--failover`
+measures); 2 when a server did not start or died.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import contextlib
-import ctypes
-import itertools
 import os
 import platform
 import secrets
-import shlex
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,23 +36,33 @@ import httptools
 import orjson
 import uvloop
 
-from bench.loadgen import Validator, build_request, chat_validator, fetch, run_load, sse_validator
+from bench import failover, providers
+from bench.harness import (
+    GATEWAY_CPU,
+    HOST,
+    LOAD_CPU,
+    REQUEST_TIMEOUT_S,
+    ROOT,
+    BenchError,
+    Proc,
+    Target,
+    chat_body,
+    ensure_alive,
+    free_port,
+    measure,
+    noise,
+    noisy,
+    ok_200,
+    probes,
+    progress,
+    report,
+    start_gateway,
+    start_mock,
+)
+from bench.loadgen import chat_validator, fetch, sse_validator
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-GATEWAY_CPU, LOAD_CPU = 0, 1
 DEFAULT_GATEWAY_CMD = "taskset -c 0 .venv/bin/python -m gateway serve --config {config} --port {port}"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-READY_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 10.0
-STOP_GRACE_S = 5.0
-LOG_KEEP_LINES = 200  # per end of a server log
-NOISE_PCT = 5.0  # CPU of other processes (% of a core) above which the table calls the run noisy
-_libc = ctypes.CDLL(None)
-
-
-class BenchError(Exception):
-    """A server did not start or died: the run cannot go on."""
+TARGETS = ("direct", "gateway")
 
 
 @dataclass(frozen=True)
@@ -66,177 +73,6 @@ class Scenario:
 
 
 SCENARIOS = (Scenario("chat_c1", 1, False), Scenario("chat_c32", 32, False), Scenario("stream_c8", 8, True))
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    port: int
-    key: str
-    model: str
-
-    def post(self, path: str, body: dict[str, Any]) -> bytes:
-        return build_request(
-            "POST",
-            HOST,
-            self.port,
-            path,
-            {"Authorization": f"Bearer {self.key}"},
-            orjson.dumps({"model": self.model, **body}),
-        )
-
-    def get(self, path: str) -> bytes:
-        return build_request("GET", HOST, self.port, path, {"Authorization": f"Bearer {self.key}"})
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: even a SIGKILLed harness leaves no server behind.
-    _libc.prctl(1, signal.SIGKILL)
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat from field 3 (state) on; the command name may hold spaces."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-class Proc:
-    """A server in its own session (so process group): it and every child it spawns stop together."""
-
-    def __init__(self, name: str, cmd: str, log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        with log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                ["bash", "-c", cmd],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        self.pids = [self.popen.pid]
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def refresh_pids(self) -> None:
-        """Once the server is up: its whole session (a shell wrapper, uvicorn workers...)."""
-        sid = str(self.popen.pid)
-        found = [int(d) for d in os.listdir("/proc") if d.isdigit() and (f := _stat(int(d))) and f[3] == sid]
-        self.pids = found or [self.popen.pid]
-
-    def cpu_s(self) -> float:
-        ticks = 0
-        for pid in self.pids:
-            if f := _stat(pid):
-                ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
-        return ticks / CLK_TCK
-
-    def hwm_mib(self) -> float:
-        """Peak resident memory (VmHWM) summed over the session's processes."""
-        kib = 0
-        for pid in self.pids:
-            try:
-                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-            except OSError:
-                continue
-            kib += sum(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
-        return round(kib / 1024, 1)
-
-    def cpus(self) -> list[int]:
-        cpus: set[int] = set()
-        for pid in self.pids:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                cpus |= os.sched_getaffinity(pid)
-        return sorted(cpus)
-
-    def tail(self, lines: int = 25) -> str:
-        with self.log_path.open("rb") as f:
-            last = collections.deque(f, lines)
-        return "\n".join("    " + line.decode(errors="replace").rstrip() for line in last)
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(STOP_GRACE_S)
-            os.killpg(self.popen.pid, signal.SIGKILL)  # a hung leader, or children that outlived it
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            progress(f"warning: {self.name} (pid {self.popen.pid}) survived SIGKILL")
-        self._trim_log()
-
-    def _trim_log(self) -> None:
-        """An access-log line per request makes ~100 MB a run: keep only the first and last lines."""
-        with self.log_path.open("rb") as f:
-            head = list(itertools.islice(f, LOG_KEEP_LINES))
-            tail: collections.deque[bytes] = collections.deque(maxlen=LOG_KEEP_LINES)
-            cut = 0
-            for line in f:
-                cut += len(tail) == LOG_KEEP_LINES
-                tail.append(line)
-        if cut:
-            self.log_path.write_bytes(b"".join(head) + b"[... %d lines cut ...]\n" % cut + b"".join(tail))
-
-
-def _cpu_line() -> list[int]:
-    """user nice system idle iowait irq softirq steal, in ticks over all CPUs (/proc/stat)."""
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:9]]
-
-
-def machine_busy_s() -> float:
-    user, nice, system, _idle, _iowait, irq, softirq, _steal = _cpu_line()
-    return (user + nice + system + irq + softirq) / CLK_TCK
-
-
-def steal_s() -> float:
-    """Time the hypervisor gave this VM's CPUs to someone else."""
-    return _cpu_line()[7] / CLK_TCK
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def ok_200(status: int, body: bytes) -> str | None:
-    return None if status == 200 else f"status_{status}"
-
-
-async def wait_ready(proc: Proc, port: int, checks: list[tuple[bytes, Validator]]) -> float:
-    """Polls until every check passes; bounded by READY_TIMEOUT_S. Returns the seconds it took."""
-    t0 = time.monotonic()
-    last = "no answer yet"
-    while True:
-        if not proc.alive():
-            raise BenchError(
-                f"{proc.name} exited ({proc.popen.returncode}) before it was ready; "
-                f"{proc.log_path}:\n{proc.tail()}"
-            )
-        try:
-            for request, validate in checks:
-                status, body = await fetch(HOST, port, request, 2.0)
-                if err := validate(status, body):
-                    raise ValueError(f"{request.split(b' ', 2)[1].decode()}: {err} {body[:300]!r}")
-            proc.refresh_pids()
-            return time.monotonic() - t0
-        except (OSError, TimeoutError, ValueError, httptools.HttpParserError) as exc:
-            last = str(exc) or repr(exc)
-        if time.monotonic() - t0 > READY_TIMEOUT_S:
-            raise BenchError(
-                f"{proc.name} not ready after {READY_TIMEOUT_S:.0f} s: {last}; "
-                f"{proc.log_path}:\n{proc.tail()}"
-            )
-        await asyncio.sleep(0.1)
 
 
 async def sanity(target: Target, chat: dict[str, Any], events: int) -> dict[str, str]:
@@ -276,73 +112,36 @@ models:
 """
 
 
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 async def bench(args: argparse.Namespace, logs: Path, record: dict[str, Any], procs: list[Proc]) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM ends the run like Ctrl-C does: cancel, then main() stops the servers.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    chat = {
-        "messages": [
-            {"role": "system", "content": "You are a concise assistant."},
-            {"role": "user", "content": "Say hello to the benchmark in one short sentence."},
-        ],
-        "max_tokens": args.chunks,
-        "temperature": 0.7,  # not deterministic: a response cache, if on, must not answer it
-    }
+    chat = chat_body(args.chunks)
     events = args.chunks + 3  # role chunk, content chunks, finish chunk, [DONE]
-    bodies = {False: chat, True: {**chat, "stream": True}}
+    bodies = {stream: chat_body(args.chunks, stream) for stream in (False, True)}
     validators = {False: chat_validator, True: sse_validator(events)}
 
-    mock_port = free_port()
-    mock = Proc(
-        "mock upstream",
-        f"taskset -c {LOAD_CPU} {shlex.quote(sys.executable)} -m bench.mock_upstream "
-        f"--port {mock_port} --chunks {args.chunks}",
-        logs / "mock.log",
-    )
-    procs.append(mock)
+    mock, mock_port = await start_mock(logs, procs, "mock", "--chunks", str(args.chunks))
     direct = Target("direct", mock_port, "sk-mock", "mock-gpt-upstream")
-    await wait_ready(mock, mock_port, [(direct.get("/v1/models"), ok_200)])
     record["sanity"] = {"direct": await sanity(direct, chat, events)}
     key = "sk-bench-" + secrets.token_hex(16)
 
     for r in range(args.rounds):
         port = free_port()
-        config = logs / "gateway.yaml"
-        config.write_text(gateway_config(port, mock_port, key, args.store))
-        config.chmod(0o600)
-        cmd = args.gateway_cmd.format(config=config, port=port)
-        gw = Proc("gateway", cmd, logs / f"gateway-r{r + 1}.log")
-        procs.append(gw)
         gateway = Target("gateway", port, key, "mock-gpt")
-        startup = await wait_ready(
-            gw,
+        gw, startup = await start_gateway(
+            args,
+            logs,
+            procs,
             port,
-            [
-                (build_request("GET", HOST, port, "/healthz", {}), ok_200),
-                (gateway.post("/v1/chat/completions", chat), chat_validator),
-            ],
+            gateway_config(port, mock_port, key, args.store),
+            f"gateway-r{r + 1}",
+            [(gateway.post("/v1/chat/completions", chat), chat_validator)],
         )
-        if LOAD_CPU in gw.cpus():
-            progress(f"warning: the gateway may run on CPU {LOAD_CPU} (with the load): {gw.cpus()}")
         order = [direct, gateway] if r % 2 == 0 else [gateway, direct]
-        # Read in this order when the window opens, in reverse when it closes: the gateway nearest its edges.
-        probes = {
-            "machine": machine_busy_s,
-            "steal": steal_s,
-            "mock": mock.cpu_s,
-            "loadgen": time.process_time,
-            "gateway": gw.cpu_s,
-        }
+        cpu = probes(mock, gw)
         rnd: dict[str, Any] = {
             "round": r + 1,
             "order": [t.name for t in order],
             "gateway": {
-                "cmd": cmd,
+                "cmd": gw.cmd,
                 "pids": gw.pids,
                 "cpus": gw.cpus(),
                 "startup_s": round(startup, 2),
@@ -353,34 +152,10 @@ async def bench(args: argparse.Namespace, logs: Path, record: dict[str, Any], pr
         record["rounds"].append(rnd)
         for sc in SCENARIOS:
             for target in order:
-                res = await run_load(
-                    HOST,
-                    target.port,
-                    target.post("/v1/chat/completions", bodies[sc.stream]),
-                    validators[sc.stream],
-                    concurrency=sc.concurrency,
-                    warmup=args.warmup,
-                    duration=args.duration,
-                    timeout=REQUEST_TIMEOUT_S,
-                    probes=probes,
-                )
-                s = rnd["runs"].setdefault(sc.name, {})[target.name] = res.summary()
-                # On two cores anything else running competes with the run: make it visible.
-                pct = s["cpu_pct"]
-                if pct["machine"] is not None:
-                    ours = pct["gateway"] + pct["mock"] + pct["loadgen"]
-                    pct["others"] = round(max(0.0, pct["machine"] - ours), 1)
-                progress(
-                    f"round {r + 1}/{args.rounds} {sc.name:9} {target.name:7}: {s['rps']:9,.0f}/s  "
-                    f"p50 {s['latency_ms']['p50']} ms  ttfb p50 {s['ttfb_ms']['p50']} ms  "
-                    f"gateway cpu {s['cpu_ms_per_request']['gateway']} ms/req  "
-                    f"errors {sum(s['errors'].values())}"
-                )
-                if not gw.alive():
-                    raise BenchError(
-                        f"gateway exited ({gw.popen.returncode}) during {sc.name}; "
-                        f"{gw.log_path}:\n{gw.tail()}"
-                    )
+                s = await measure(target, bodies[sc.stream], validators[sc.stream], sc.concurrency, args, cpu)
+                rnd["runs"].setdefault(sc.name, {})[target.name] = s
+                report(f"round {r + 1}/{args.rounds} {sc.name:9} {target.name:7}", s)
+                ensure_alive(gw, sc.name)
         rnd["gateway"]["rss_hwm_mib"] = gw.hwm_mib()
         gw.stop()
         procs.remove(gw)
@@ -495,26 +270,25 @@ def render(record: dict[str, Any]) -> str:
     lines.append(f"| gateway peak RSS (MiB, VmHWM, max of rounds) | — | {max(rss) if rss else '—'} | | | | |")
     errors = record["errors"]
     lines.append(f"| failed requests (all runs) | {errors['direct']} | {errors['gateway']} | | | | |")
-    noise = {
-        t: [
-            run[t]["cpu_pct"]["others"] + run[t]["cpu_pct"]["steal"]
-            for rnd in rounds
-            for run in rnd["runs"].values()
-            if "others" in run.get(t, {}).get("cpu_pct", {})
-        ]
-        for t in ("direct", "gateway")
-    }
-    cells = " | ".join(f"{statistics.median(v):.0f}" if v else "—" for v in noise.values())
+    pcts = {t: noise(run[t] for rnd in rounds for run in rnd["runs"].values() if t in run) for t in TARGETS}
+    cells = " | ".join(f"{statistics.median(v):.0f}" if v else "—" for v in pcts.values())
     lines.append(f"| noise: other processes' CPU + steal (% of a core, median) | {cells} | | | | |")
-    if (worst := max(noise["direct"] + noise["gateway"], default=0.0)) > NOISE_PCT:
-        lines += [
-            "",
-            f"Noisy: other processes and hypervisor steal took up to {worst:.0f}% of a core during a "
-            "measurement (cpu_pct.others and cpu_pct.steal in the JSON); rerun on a quiet machine.",
-        ]
-    if record["flagged"]:
-        lines += ["", f"**FLAGGED**: {record['flagged']}"]
-    return "\n".join(lines)
+    return "\n".join(lines + noisy(max(pcts["direct"] + pcts["gateway"], default=0.0)))
+
+
+async def run_selected(
+    args: argparse.Namespace, logs: Path, record: dict[str, Any], procs: list[Proc]
+) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM ends the run like Ctrl-C does: cancel, then main() stops the servers.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    if args.providers:
+        await providers.run(args, logs, record, procs)
+    if args.failover:
+        await failover.run(args, logs, record, procs)
+    if not (args.providers or args.failover):
+        await bench(args, logs, record, procs)
 
 
 def parse_args() -> argparse.Namespace:
@@ -554,6 +328,18 @@ def parse_args() -> argparse.Namespace:
         default=env("BENCH_QUICK", "0") not in ("", "0"),
         help="smoke run: 1 round, 1 s warm-up, 2 s per scenario",
     )
+    ap.add_argument(
+        "--providers",
+        action="store_true",
+        default=env("BENCH_PROVIDERS", "0") not in ("", "0"),
+        help="instead of the suite: 50-chunk streams through one alias per provider (translation cost)",
+    )
+    ap.add_argument(
+        "--failover",
+        action="store_true",
+        default=env("BENCH_FAILOVER", "0") not in ("", "0"),
+        help="instead of the suite: one of two deployments down for 10 s under steady load (~1 min)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 2.0
@@ -590,7 +376,7 @@ def main() -> int:
     status = 0
     t0 = time.monotonic()
     try:
-        uvloop.run(bench(args, logs, record, procs))
+        uvloop.run(run_selected(args, logs, record, procs))
     except BenchError as exc:
         record["aborted"] = str(exc)
         print(f"benchmark aborted: {exc}", file=sys.stderr)
@@ -609,9 +395,10 @@ def main() -> int:
             for run in rnd["runs"].values()
             if t in run
         )
-        for t in ("direct", "gateway")
+        for t in TARGETS
     }
-    failed = sum(record["errors"].values())
+    # The failover scenario's failed requests are its result, not a fault of the run.
+    failed = sum(record["errors"].values()) + providers.failed(record)
     reasons = [record["aborted"].partition("\n")[0]] if "aborted" in record else []
     if failed:
         reasons.append(f"{failed} failed request(s), see the JSON")
@@ -619,8 +406,11 @@ def main() -> int:
     record["summary"] = summarize(record["rounds"])
     out = results / f"{stamp}.json"
     out.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
-    if record["rounds"]:
-        print(render(record))
+    tables = [render(record)] if record["rounds"] else []
+    tables += [table for table in (providers.render(record), failover.render(record)) if table]
+    if record["flagged"]:
+        tables.append(f"**FLAGGED**: {record['flagged']}")
+    print("\n\n".join(tables))
     progress(
         f"raw numbers: {out.relative_to(ROOT)}; logs: {logs.relative_to(ROOT)}/; {record['elapsed_s']} s"
     )

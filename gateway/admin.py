@@ -30,6 +30,7 @@ from gateway.errors import (
 from gateway.keys import KeyRecord, KeyStore
 from gateway.middleware.auth import credential
 from gateway.store import StoreError
+from gateway.usage import UsageRecorder
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 UNSET: Any = msgspec.UNSET
@@ -64,10 +65,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AdminAPI:
-    def __init__(self, admin_key: str, keys: KeyStore, breakers: Breakers) -> None:
+    def __init__(self, admin_key: str, keys: KeyStore, breakers: Breakers, usage: UsageRecorder) -> None:
         self._admin_digest = hmac.digest(b"admin", admin_key.encode(), "sha256") if admin_key else None
         self.keys = keys
         self.breakers = breakers
+        self.usage = usage
         # Set by the Gateway: reloads the config file, returning its problems ([] when swapped).
         self.reloader: Callable[[], Awaitable[list[str]]] | None = None
 
@@ -81,6 +83,7 @@ class AdminAPI:
             Route("/admin/keys/{key_id}/rotate", self.guard(self.rotate_key), methods=["POST"]),
             Route("/admin/breakers/{name:path}/reset", self.guard(self.reset_breaker), methods=["POST"]),
             Route("/admin/reload", self.guard(self.reload), methods=["POST"]),
+            Route("/admin/usage", self.guard(self.read_usage), methods=["GET"]),
         ]
 
     def guard(self, handler: Handler) -> Handler:
@@ -177,6 +180,22 @@ class AdminAPI:
             raise NotFound(f"No deployment '{deployment}'.", code="deployment_not_found")
         await self.breakers.reset(deployment)
         return JSONResponse({"deployment": deployment, "state": self.breakers.state(deployment)})
+
+    async def read_usage(self, request: Request) -> Response:
+        """GET /admin/usage?key=ID[&start=UNIX&end=UNIX]: per model, hourly resolution, default last 24 h."""
+        query = request.query_params
+        key_id = query.get("key")
+        if not key_id:
+            raise InvalidRequest("Name the key: /admin/usage?key=ID.", param="key")
+        try:
+            end = float(query.get("end", time.time()))
+            start = float(query.get("start", end - 86400))
+        except ValueError:
+            raise InvalidRequest("start and end are unix times in seconds.", param="start") from None
+        if not 0 <= start < end or end - start > 366 * 86400:
+            raise InvalidRequest("Need 0 <= start < end, at most 366 days apart.", param="start")
+        models = await self.usage.read(key_id, start, end)
+        return JSONResponse({"key": key_id, "start": start, "end": end, "models": models})
 
     async def reload(self, request: Request) -> Response:
         problems = await self.reloader() if self.reloader is not None else ["reload is not available"]

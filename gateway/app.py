@@ -44,6 +44,7 @@ from gateway.router import Alias, Route, Router
 from gateway.store import Store, StoreError, Subscription, store_from_url
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
+from gateway.usage import UsageRecorder
 
 log = logging.getLogger("gateway")
 
@@ -128,9 +129,11 @@ class Snapshot:
         self.routes = aliases
         self.router = Router(aliases, self.store)
         self.breakers = Breakers(self.store, config.breaker)
+        prices = {m.name: (m.price.input_per_mtok, m.price.output_per_mtok) for m in config.models}
+        self.usage = UsageRecorder(self.store, prices)
 
         self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
-        self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers)
+        self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers, self.usage)
         interval = config.router.probe_interval_s
         every_route = [route for alias in aliases.values() for route in alias.routes]
         self.prober = (
@@ -153,6 +156,7 @@ class Snapshot:
         forward = Forward(
             self.router,
             self.breakers,
+            self.usage,
             retries=r.retries,
             total_s=r.timeouts.total_s,
             backoff_s=r.backoff_s,
@@ -187,6 +191,7 @@ class Snapshot:
         await self.breakers.start(r.id for a in self.routes.values() for r in a.routes)
         if self.prober is not None:
             self.prober.start()
+        self.usage.start()
         if self.jwt is not None:
             try:
                 await self.jwt.load()
@@ -201,6 +206,7 @@ class Snapshot:
             await asyncio.sleep(0.05)
         if self.prober is not None:
             await self.prober.aclose()
+        await self.usage.aclose()
         await self.keys.aclose()
         await self.breakers.aclose()
         if self.jwt is not None:

@@ -76,9 +76,17 @@ class Deployment(Struct):
     params: dict[str, Any] = {}  # provider-specific, e.g. cohere's input_type
 
 
+class Price(Struct):
+    """USD per million tokens, for the usage report's cost."""
+
+    input_per_mtok: Annotated[float, msgspec.Meta(ge=0)] = 0
+    output_per_mtok: Annotated[float, msgspec.Meta(ge=0)] = 0
+
+
 class ModelConfig(Struct):
     name: str
     deployments: Annotated[list[Deployment], msgspec.Meta(min_length=1)]
+    price: Price = Price()
     strategy: Literal["priority", "weighted", "least_inflight", "lowest_latency"] = "priority"
     fallbacks: list[str] = []  # aliases tried, in order, after this one's deployments
 

@@ -38,6 +38,7 @@ from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
 from gateway.router import Route, Router
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamResponse
+from gateway.usage import UsageRecorder, find_usage
 
 log = logging.getLogger("gateway.forward")
 
@@ -66,6 +67,7 @@ class Forward:
         self,
         router: Router,
         breakers: Breakers,
+        usage: UsageRecorder,
         *,
         retries: int,
         total_s: float,
@@ -75,6 +77,7 @@ class Forward:
     ) -> None:
         self.router = router
         self.breakers = breakers
+        self.usage = usage
         self.retries = retries
         self.total_s = total_s
         self.backoff_s = backoff_s
@@ -267,7 +270,9 @@ class Forward:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body is not None:
             await send({"type": "http.response.body", "body": body})
+            self.count(ctx, find_usage(body))
             return
+        previous = last = b""
         try:
             async for chunk in response:
                 if translator is not None:
@@ -275,13 +280,20 @@ class Forward:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                previous, last = last, chunk
         except UpstreamError as exc:
             # Too late for a status code or another deployment: end the stream with an error event.
             log.warning("upstream %s stream broke: %s", route.id, exc.message)
             self.breakers.record(route.id, Outcome.FAILURE)
             await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
             return
-        await send({"type": "http.response.body", "body": translator.finish() if translator else b""})
+        end = translator.finish() if translator else b""
+        await send({"type": "http.response.body", "body": end})
+        self.count(ctx, find_usage(previous + last + end))
+
+    def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
+        if ctx.policy is not None:
+            self.usage.add(ctx.policy.key_id, ctx.model, usage)
 
     async def read_error(self, route: Route, response: UpstreamResponse) -> Failed:
         """An upstream error answer in OpenAI's shape, with the provider key masked."""

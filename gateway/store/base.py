@@ -170,6 +170,11 @@ class Store(ABC):
     async def hgetall(self, key: str) -> dict[str, bytes]:
         """Every field of the hash at `key` ({} when missing)."""
 
+    @abstractmethod
+    async def hincrby(self, key: str, amounts: dict[str, int], *, ttl_s: float) -> None:
+        """Add each amount to its field of the hash at `key` (one round trip); the hash expires
+        `ttl_s` after this write."""
+
     # -- scripts -----------------------------------------------------------
 
     @abstractmethod

@@ -210,6 +210,15 @@ class MemoryStore(Store):
         self._keys.sweep()
         return dict(self._keys.hash(key) or {})
 
+    async def hincrby(self, key: str, amounts: dict[str, int], *, ttl_s: float) -> None:
+        check_ttl(ttl_s)
+        self._keys.sweep()
+        hash_ = self._keys.hash(key, create=True)
+        assert hash_ is not None
+        for field, amount in amounts.items():
+            hash_[field] = str(_as_int(hash_.get(field, b"0")) + amount).encode()
+        self._keys.expire(key, ttl_s)
+
     # -- scripts -----------------------------------------------------------
 
     async def register(self, *scripts: Script) -> None:

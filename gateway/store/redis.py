@@ -188,6 +188,17 @@ class RedisStore(Store):
         except _DRIVER_ERRORS as exc:
             raise self._error("HDEL", exc) from exc
 
+    async def hincrby(self, key: str, amounts: dict[str, int], *, ttl_s: float) -> None:
+        check_ttl(ttl_s)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for field, amount in amounts.items():
+                    pipe.hincrby(key, field, amount)
+                pipe.pexpire(key, ttl_ms(ttl_s))
+                await pipe.execute()
+        except _DRIVER_ERRORS as exc:
+            raise self._error("HINCRBY", exc) from exc
+
     async def hgetall(self, key: str) -> dict[str, bytes]:
         try:
             reply = await self._client.hgetall(key)

@@ -204,6 +204,15 @@ class TestHashes:
         assert await store.hdel("h", "b") is True
         assert await store.delete("h") == 0  # an emptied hash is gone
 
+    async def test_hincrby_adds_in_one_call_and_expires(self, store: Store) -> None:
+        await store.hincrby("u", {"a": 2, "b": 5}, ttl_s=0.3)
+        await store.hincrby("u", {"a": 3}, ttl_s=0.3)
+        assert await store.hgetall("u") == {"a": b"5", "b": b"5"}
+        await anyio.sleep(0.45)
+        assert await store.hgetall("u") == {}
+        with pytest.raises(ValueError):
+            await store.hincrby("u", {"a": 1}, ttl_s=0)
+
     async def test_wrong_type_is_store_error(self, store: Store) -> None:
         await store.set("s", b"x")
         with pytest.raises(StoreError):

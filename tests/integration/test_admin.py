@@ -147,3 +147,22 @@ async def test_store_down_is_503_not_500(gw: Any, admin: Client, monkeypatch: py
     monkeypatch.setattr(gw.store, "hset", down)
     r = await admin.post("/admin/keys", json={"name": "x"})
     assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
+
+
+async def test_usage_per_key_and_model(gw: Any, admin: Client, mock: MockOpenAI) -> None:
+    made = await create(admin)
+    async with Client(gw, made["secret"]) as c:
+        for _ in range(2):
+            assert (await c.chat()).status_code == 200
+        async with c.stream("POST", "/v1/chat/completions", json={
+            "model": "gpt-mini", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "one two"}]}) as r:
+            await r.aread()
+    await gw.usage.flush()
+    r = await admin.get("/admin/usage", params={"key": made["id"]})
+    assert r.status_code == 200
+    usage = r.json()["models"]["gpt-mini"]
+    assert usage["requests"] == 3 and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    for params in ({}, {"key": "x", "start": "abc"}, {"key": "x", "start": "10", "end": "5"}):
+        assert (await admin.get("/admin/usage", params=params)).status_code == 400
