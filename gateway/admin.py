@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.keys import KeyRecord, KeyStore
 from gateway.middleware.auth import credential
+from gateway.middleware.cache import ResponseCache
 from gateway.store import StoreError
 from gateway.usage import UsageRecorder
 
@@ -57,6 +58,11 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool | msgspec.UnsetType = UNSET
 
 
+class Purge(msgspec.Struct, forbid_unknown_fields=True):
+    key: str | None = None
+    model: str | None = None
+
+
 class Rotate(msgspec.Struct, forbid_unknown_fields=True):
     grace_s: Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)] = 0
 
@@ -65,11 +71,19 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AdminAPI:
-    def __init__(self, admin_key: str, keys: KeyStore, breakers: Breakers, usage: UsageRecorder) -> None:
+    def __init__(
+        self,
+        admin_key: str,
+        keys: KeyStore,
+        breakers: Breakers,
+        usage: UsageRecorder,
+        cache: ResponseCache | None,
+    ) -> None:
         self._admin_digest = hmac.digest(b"admin", admin_key.encode(), "sha256") if admin_key else None
         self.keys = keys
         self.breakers = breakers
         self.usage = usage
+        self.cache = cache
         # Set by the Gateway: reloads the config file, returning its problems ([] when swapped).
         self.reloader: Callable[[], Awaitable[list[str]]] | None = None
 
@@ -84,6 +98,7 @@ class AdminAPI:
             Route("/admin/breakers/{name:path}/reset", self.guard(self.reset_breaker), methods=["POST"]),
             Route("/admin/reload", self.guard(self.reload), methods=["POST"]),
             Route("/admin/usage", self.guard(self.read_usage), methods=["GET"]),
+            Route("/admin/cache/purge", self.guard(self.purge_cache), methods=["POST"]),
         ]
 
     def guard(self, handler: Handler) -> Handler:
@@ -196,6 +211,16 @@ class AdminAPI:
             raise InvalidRequest("Need 0 <= start < end, at most 366 days apart.", param="start")
         models = await self.usage.read(key_id, start, end)
         return JSONResponse({"key": key_id, "start": start, "end": end, "models": models})
+
+    async def purge_cache(self, request: Request) -> Response:
+        """POST /admin/cache/purge {"key": ID} | {"model": ALIAS} | {} (everything)."""
+        spec: Purge = await self.decode(request, Purge)
+        if self.cache is None:
+            raise InvalidRequest("The response cache is off (cache.enabled).", code="cache_disabled")
+        if spec.key and spec.model:
+            raise InvalidRequest("Purge one key or one model (or, with neither, everything).", param="key")
+        await self.cache.purge(key_id=spec.key, model=spec.model)
+        return JSONResponse({"purged": {"key": spec.key, "model": spec.model}})
 
     async def reload(self, request: Request) -> Response:
         problems = await self.reloader() if self.reloader is not None else ["reload is not available"]

@@ -37,6 +37,7 @@ from gateway.keys import KeyStore
 from gateway.middleware.access_log import AccessLogMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
+from gateway.middleware.cache import CacheMiddleware, ResponseCache
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.probes import Prober
 from gateway.providers import Operation, Target, build_adapter
@@ -131,9 +132,15 @@ class Snapshot:
         self.breakers = Breakers(self.store, config.breaker)
         prices = {m.name: (m.price.input_per_mtok, m.price.output_per_mtok) for m in config.models}
         self.usage = UsageRecorder(self.store, prices)
+        c = config.cache
+        self.cache = (
+            ResponseCache(self.store, ttl_s=c.ttl_s, max_entry_bytes=c.max_entry_bytes, shared=c.shared)
+            if c.enabled
+            else None
+        )
 
         self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
-        self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers, self.usage)
+        self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers, self.usage, self.cache)
         interval = config.router.probe_interval_s
         every_route = [route for alias in aliases.values() for route in alias.routes]
         self.prober = (
@@ -164,6 +171,8 @@ class Snapshot:
             route_headers=r.headers,
         )
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
+        if self.cache is not None:
+            app = CacheMiddleware(app, cache=self.cache, always=c.mode == "always")
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
         self.jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt else None
         app = AuthMiddleware(app, keys=self.keys, jwt=self.jwt)
@@ -192,6 +201,8 @@ class Snapshot:
         if self.prober is not None:
             self.prober.start()
         self.usage.start()
+        if self.cache is not None:
+            await self.cache.start()
         if self.jwt is not None:
             try:
                 await self.jwt.load()
@@ -207,6 +218,8 @@ class Snapshot:
         if self.prober is not None:
             await self.prober.aclose()
         await self.usage.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.keys.aclose()
         await self.breakers.aclose()
         if self.jwt is not None:

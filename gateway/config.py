@@ -94,6 +94,9 @@ class ModelConfig(Struct):
 class CacheConfig(Struct):
     enabled: bool = False
     ttl_s: PositiveFloat = 300
+    mode: Literal["deterministic", "always"] = "deterministic"  # deterministic: temperature 0 only
+    shared: bool = False  # one cache for every key, instead of one per key
+    max_entry_bytes: PositiveInt = 1_048_576
 
 
 class Timeouts(Struct):

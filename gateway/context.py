@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 class RequestContext:
     __slots__ = (
         "body",
+        "cache",
+        "complete",
         "deployment",
         "identity",
         "model",
@@ -36,10 +38,14 @@ class RequestContext:
         self.model = ""  # the alias the client asked for (adapters rewrite body["model"])
         self.responded = False  # the response head has gone out: errors can no longer be sent whole
         self.status = 0
+        self.complete = False  # the whole answer went out (a stream that broke midway did not)
+        self.cache = b""  # x-cache: hit, miss or bypass, when the cache is on
         self.deployment = ""  # provider/model the request went to, for the access log
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers every response carries."""
+        if self.cache:
+            return [(b"x-request-id", self.request_id), (b"x-cache", self.cache)]
         return [(b"x-request-id", self.request_id)]
 
     async def send_error(self, send: Send, exc: GatewayError) -> None:

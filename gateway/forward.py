@@ -270,6 +270,7 @@ class Forward:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body is not None:
             await send({"type": "http.response.body", "body": body})
+            ctx.complete = True
             self.count(ctx, find_usage(body))
             return
         previous = last = b""
@@ -289,6 +290,8 @@ class Forward:
             return
         end = translator.finish() if translator else b""
         await send({"type": "http.response.body", "body": end})
+        # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
+        ctx.complete = b'"error"' not in last + end
         self.count(ctx, find_usage(previous + last + end))
 
     def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:

@@ -1,0 +1,97 @@
+"""The response cache through the whole app: hits, bypasses, streams, errors, purge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway import build_app, parse
+from tests.integration.conftest import KEY_A, KEY_B, Client
+from tests.mock_openai import MockOpenAI
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = "adm-cache-0123456789abcdef"
+
+
+@pytest.fixture
+async def gw(config_text: str) -> Any:
+    text = config_text.replace("auth:\n", f"auth:\n  admin_key: {ADMIN}\n") + "cache: {enabled: true, ttl_s: 60}\n"
+    app = build_app(parse(text, {}))
+    async with app.lifespan(None):  # type: ignore[arg-type]
+        yield app
+
+
+async def ask(app: Any, key: str = KEY_A, headers: dict[str, str] | None = None, **body: Any) -> Any:
+    body.setdefault("model", "gpt-mini")
+    body.setdefault("messages", [{"role": "user", "content": "cache me"}])
+    async with Client(app, key) as c:
+        r = await c.post("/v1/chat/completions", json=body, headers=headers or {})
+    await app.cache.flush()  # let the fill land
+    return r
+
+
+async def test_deterministic_requests_hit(gw: Any, mock: MockOpenAI) -> None:
+    first = await ask(gw, temperature=0)
+    second = await ask(gw, temperature=0, user="someone-else")  # `user` is not part of the key
+    assert first.headers["x-cache"] == "miss" and second.headers["x-cache"] == "hit"
+    assert second.json() == first.json() and len(mock.requests) == 1
+    assert (await ask(gw, temperature=0.7)).headers["x-cache"] == "bypass"
+    assert (await ask(gw, temperature=0, max_tokens=5)).headers["x-cache"] == "miss"
+
+
+async def test_scoped_per_key(gw: Any, mock: MockOpenAI) -> None:
+    await ask(gw, temperature=0)
+    assert (await ask(gw, KEY_B, temperature=0)).headers["x-cache"] == "miss"
+
+
+async def test_client_directives(gw: Any, mock: MockOpenAI) -> None:
+    assert (await ask(gw, headers={"x-gateway-cache": "on"})).headers["x-cache"] == "miss"
+    assert (await ask(gw, headers={"x-gateway-cache": "on"})).headers["x-cache"] == "hit"
+    assert (await ask(gw, headers={"cache-control": "no-cache"}, temperature=0)).headers["x-cache"] == "miss"
+    assert (await ask(gw, headers={"cache-control": "no-store"}, temperature=0)).headers["x-cache"] == "bypass"
+    assert (await ask(gw, headers={"x-gateway-cache": "off"}, temperature=0)).headers["x-cache"] == "bypass"
+
+
+async def test_errors_and_broken_streams_are_not_cached(gw: Any, mock: MockOpenAI) -> None:
+    mock.behave(status=500)
+    await ask(gw, temperature=0)
+    mock.reset()
+    assert (await ask(gw, temperature=0)).headers["x-cache"] == "miss"
+    mock.behave(chunks=6, reset_after=2)
+    body = {"stream": True, "temperature": 0, "messages": [{"role": "user", "content": "a b c d e f"}]}
+    await ask(gw, **body)
+    mock.reset()
+    assert (await ask(gw, **body)).headers["x-cache"] == "miss"
+
+
+async def test_streams_replay_as_sse(gw: Any, mock: MockOpenAI) -> None:
+    body = {"stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
+    first = await ask(gw, **body)
+    second = await ask(gw, **body)
+    assert second.headers["x-cache"] == "hit" and second.headers["content-type"].startswith("text/event-stream")
+    assert second.content == first.content and second.text.endswith("data: [DONE]\n\n")
+    events = [orjson.loads(line[6:]) for line in second.text.splitlines() if line.startswith("data: {")]
+    assert events and all(e["object"] == "chat.completion.chunk" for e in events)
+    assert (await ask(gw, temperature=0)).headers["x-cache"] == "miss"  # stored in its own mode
+
+
+async def test_purge_all_per_key_per_model(gw: Any, mock: MockOpenAI) -> None:
+    async with Client(gw, ADMIN) as admin:
+        for spec in ({}, {"key": "cfg-team-a"}, {"model": "gpt-mini"}):
+            await ask(gw, temperature=0)
+            assert (await ask(gw, temperature=0)).headers["x-cache"] == "hit"
+            r = await admin.post("/admin/cache/purge", json=spec)
+            assert r.status_code == 200
+            assert (await ask(gw, temperature=0)).headers["x-cache"] == "miss"
+        r = await admin.post("/admin/cache/purge", json={"key": "a", "model": "b"})
+        assert r.status_code == 400
+
+
+async def test_purge_refused_when_cache_is_off(config_text: str) -> None:
+    app = build_app(parse(config_text.replace("auth:\n", f"auth:\n  admin_key: {ADMIN}\n"), {}))
+    async with app.lifespan(None), Client(app, ADMIN) as admin:  # type: ignore[arg-type]
+        r = await admin.post("/admin/cache/purge", json={})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "cache_disabled"
