@@ -103,12 +103,21 @@ class RedisServer:
             return False
 
 
-def _redis_server_executable() -> str:
-    found = shutil.which("redis-server")
+def debian_executable(name: str, package: str, *, also: tuple[str, ...] = ()) -> str:
+    """The path of `name`, installed from Debian's `package` when missing and we are root.
+
+    Fails the test (never skips) when it cannot be had: CI must run what needs it.
+    """
+
+    def find() -> str | None:
+        return shutil.which(name) or next((p for p in also if os.access(p, os.X_OK)), None)
+
+    found = find()
+    detail = ""
     if found is None and os.geteuid() == 0:
         try:
             result = subprocess.run(
-                ["sh", "-c", "apt-get update && apt-get install -y --no-install-recommends redis-server"],
+                ["sh", "-c", f"apt-get update && apt-get install -y --no-install-recommends {package}"],
                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
                 capture_output=True,
                 timeout=_INSTALL_TIMEOUT_S,
@@ -117,12 +126,14 @@ def _redis_server_executable() -> str:
             detail = result.stderr.decode(errors="replace")[-2000:]
         except (OSError, subprocess.TimeoutExpired) as exc:
             detail = repr(exc)
-        found = shutil.which("redis-server")
-        if found is None:
-            pytest.fail(f"redis-server is not installed and apt-get could not install it:\n{detail}")
+        found = find()
     if found is None:
-        pytest.fail("redis-server is not on PATH: install it (apt-get install redis-server) to run tests")
+        pytest.fail(f"{name} is not installed and could not be installed (as root: apt-get install {package})\n{detail}")
     return found
+
+
+def _redis_server_executable() -> str:
+    return debian_executable("redis-server", "redis-server")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -35,7 +34,7 @@ import pytest
 import yaml
 
 from gateway import config as config_module
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, debian_executable
 from tests.e2e.conftest import (
     ADMIN_KEY,
     TEAM_A_KEY,
@@ -58,7 +57,6 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 REPLICAS = 3
 NGINX_START_TIMEOUT_S = 10.0
 NGINX_STOP_TIMEOUT_S = 5.0
-INSTALL_TIMEOUT_S = 600.0
 LOG_WAIT_S = 3.0
 CHAT = {"model": "gpt-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -67,32 +65,7 @@ CHAT = {"model": "gpt-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _nginx_executable() -> str:
-    def find() -> str | None:
-        return shutil.which("nginx") or next(
-            (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-        )
-
-    found = find()
-    detail = ""
-    if found is None and os.geteuid() == 0:
-        try:
-            result = subprocess.run(
-                ["sh", "-c", "apt-get update && apt-get install -y --no-install-recommends nginx"],
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                capture_output=True,
-                timeout=INSTALL_TIMEOUT_S,
-                check=False,
-            )
-            detail = result.stderr.decode(errors="replace")[-2000:]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            detail = repr(exc)
-        found = find()
-    if found is None:
-        pytest.fail(
-            "nginx is not installed and could not be installed (as root: apt-get install nginx); "
-            f"the topology tests need a real nginx.\n{detail}"
-        )
-    return found
+    return debian_executable("nginx", "nginx", also=("/usr/sbin/nginx", "/usr/local/sbin/nginx"))
 
 
 @pytest.fixture(scope="session")
