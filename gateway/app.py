@@ -34,10 +34,12 @@ from gateway.errors import MethodNotAllowed, NotFound, ServerError, ServiceUnava
 from gateway.forward import Forward
 from gateway.jwt import JWTVerifier, KeyLoadError
 from gateway.keys import KeyStore
+from gateway.limits import Limiter
 from gateway.middleware.access_log import AccessLogMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
 from gateway.middleware.cache import CacheMiddleware, ResponseCache
+from gateway.middleware.ratelimit import RateLimitMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.probes import Prober
 from gateway.providers import Operation, Target, build_adapter
@@ -173,6 +175,7 @@ class Snapshot:
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         if self.cache is not None:
             app = CacheMiddleware(app, cache=self.cache, always=c.mode == "always")
+        app = RateLimitMiddleware(app, limiter=Limiter(self.store))
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
         self.jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt else None
         app = AuthMiddleware(app, keys=self.keys, jwt=self.jwt)

@@ -18,6 +18,7 @@ class RequestContext:
         "cache",
         "complete",
         "deployment",
+        "extra_headers",
         "identity",
         "model",
         "operation",
@@ -26,6 +27,7 @@ class RequestContext:
         "responded",
         "started",
         "status",
+        "tokens",
     )
 
     def __init__(self, request_id: bytes, started: float) -> None:
@@ -40,13 +42,16 @@ class RequestContext:
         self.status = 0
         self.complete = False  # the whole answer went out (a stream that broke midway did not)
         self.cache = b""  # x-cache: hit, miss or bypass, when the cache is on
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. x-ratelimit-*, for every answer
+        self.tokens: int | None = None  # the answer's prompt + completion tokens, when it says
         self.deployment = ""  # provider/model the request went to, for the access log
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers every response carries."""
+        headers = [(b"x-request-id", self.request_id), *self.extra_headers]
         if self.cache:
-            return [(b"x-request-id", self.request_id), (b"x-cache", self.cache)]
-        return [(b"x-request-id", self.request_id)]
+            headers.append((b"x-cache", self.cache))
+        return headers
 
     async def send_error(self, send: Send, exc: GatewayError) -> None:
         """Answer with `exc` as a complete JSON response (nothing may have been sent yet)."""

@@ -295,6 +295,8 @@ class Forward:
         self.count(ctx, find_usage(previous + last + end))
 
     def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
+        if usage is not None:
+            ctx.tokens = usage[0] + usage[1]
         if ctx.policy is not None:
             self.usage.add(ctx.policy.key_id, ctx.model, usage)
 
