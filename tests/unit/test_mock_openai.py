@@ -348,7 +348,7 @@ def test_delay_head(client: openai.OpenAI, mock: MockOpenAI) -> None:
     started = time.monotonic()
     client.chat.completions.create(model="slow", messages=user("x"))
     assert time.monotonic() - started >= 0.45  # asyncio may wake a timer a hair early
-    assert rule.completed.is_set()
+    assert rule.completed.wait(2.0)  # set by the mock thread just after the answer is written
     assert not rule.disconnected.is_set()
 
 
