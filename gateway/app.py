@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -45,6 +45,7 @@ from gateway.probes import Prober
 from gateway.providers import Operation, Target, build_adapter
 from gateway.router import Alias, Route, Router
 from gateway.store import Store, StoreError, Subscription, store_from_url
+from gateway.tasks import Background
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
 from gateway.usage import UsageRecorder
@@ -287,7 +288,7 @@ class Gateway:
         self.path = path
         self.snapshot = Snapshot(config)
         self.snapshot.admin.reloader = self.reload_everywhere
-        self._closing: set[asyncio.Task[None]] = set()
+        self._background = Background()
         self._id = os.urandom(8).hex().encode()  # tells this process's own reload broadcasts apart
         self._reloads: Subscription | None = None
 
@@ -323,7 +324,7 @@ class Gateway:
         await self._listen_for_reloads()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(RuntimeError):  # no signal handlers off the main thread
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_quietly()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._background.spawn(self._reload_quietly()))
         try:
             yield
         finally:
@@ -331,8 +332,7 @@ class Gateway:
                 loop.remove_signal_handler(signal.SIGHUP)
             if self._reloads is not None:
                 await self._reloads.aclose()
-            if self._closing:
-                await asyncio.gather(*self._closing)
+            await self._background.wait()
             await self.snapshot.aclose()
 
     async def reload(self) -> list[str]:
@@ -348,7 +348,7 @@ class Gateway:
         new.admin.reloader = self.reload_everywhere
         await new.start()
         self.snapshot = new  # one assignment: every later request sees the new config
-        self._spawn(old.aclose(successor=new))
+        self._background.spawn(old.aclose(successor=new))
         if new.store is not old.store:
             await self._listen_for_reloads()
         log.info("config reloaded from %s", self.path)
@@ -375,17 +375,12 @@ class Gateway:
 
     def _on_reload(self, origin: bytes) -> None:
         if origin != self._id:
-            self._spawn(self._reload_quietly())
+            self._background.spawn(self._reload_quietly())
 
     async def _reload_quietly(self) -> None:
         problems = await self.reload()
         if problems:
             log.error("config reload refused, nothing changed: %s", "; ".join(problems))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
     # Tests and tools reach the current snapshot's parts through the gateway.
     def __getattr__(self, name: str) -> Any:

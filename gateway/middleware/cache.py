@@ -17,7 +17,6 @@ Entries: `gw:{cache}:<all>.<key>.<model>:<sha256>`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 
@@ -26,6 +25,7 @@ import orjson
 
 from gateway.context import RequestContext
 from gateway.store import Store, StoreError, Subscription
+from gateway.tasks import Background
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway.cache")
@@ -54,7 +54,7 @@ class ResponseCache:
         self.shared = shared
         self._gens: dict[str, int] = {}
         self._subscription: Subscription | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     async def start(self) -> None:
         try:
@@ -70,14 +70,13 @@ class ResponseCache:
 
     async def flush(self) -> None:
         """Wait for the fills under way (shutdown, tests)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks)
+        await self._background.wait()
 
     async def _reload(self) -> None:
         self._gens = {field: int(value) for field, value in (await self.store.hgetall(GENERATIONS)).items()}
 
     def _on_event(self, message: bytes) -> None:
-        self._spawn(self._reload_quietly())
+        self._background.spawn(self._reload_quietly())
 
     async def _reload_quietly(self) -> None:
         try:
@@ -106,7 +105,7 @@ class ResponseCache:
 
     def fill(self, key: str, entry: Entry) -> None:
         if len(entry.body) <= self.max_entry_bytes:
-            self._spawn(self._set(key, entry))
+            self._background.spawn(self._set(key, entry))
 
     async def _set(self, key: str, entry: Entry) -> None:
         try:
@@ -120,11 +119,6 @@ class ResponseCache:
         await self.store.hincrby(GENERATIONS, {field: 1}, ttl_s=10 * 365 * 86400)
         await self._reload()
         await self.store.publish(EVENTS, field.encode())
-
-    def _spawn(self, work: object) -> None:
-        task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _directive(scope: Scope) -> bytes:
