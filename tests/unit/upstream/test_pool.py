@@ -629,7 +629,8 @@ async def test_total_timeout_bounds_a_trickling_stream() -> None:
 
 
 async def test_total_timeout_bounds_a_consumer_that_never_reads() -> None:
-    async with harness(stall_mid_body, timeouts=Timeouts(total_s=0.2)) as (up, pool):
+    # 0.6 s: short for the stall, yet room for the capacity check on a loaded machine (0.2 s flaked).
+    async with harness(stall_mid_body, timeouts=Timeouts(total_s=0.6)) as (up, pool):
         response = await get(pool, b"/stall")
         await up.client_closed.wait()  # closed while nobody was waiting on the response
         assert pool.in_use == 0
