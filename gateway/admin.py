@@ -6,6 +6,7 @@ A key's secret is shown once, in the answer that mints it.
 
 from __future__ import annotations
 
+import glob
 import hmac
 import secrets
 import time
@@ -33,7 +34,6 @@ from gateway.middleware.cache import ResponseCache
 from gateway.store import StoreError
 from gateway.usage import UsageRecorder
 
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 UNSET: Any = msgspec.UNSET
 
 
@@ -41,7 +41,7 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     limits: Limits = Limits()
-    budget_usd: NonNegative | None = None
+    model_limits: dict[str, Limits] = {}
     expires_at: float | None = None  # unix time
     expires_in_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     owner: dict[str, str] = {}
@@ -52,7 +52,7 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | msgspec.UnsetType = UNSET
     models: list[str] | msgspec.UnsetType = UNSET
     limits: Limits | msgspec.UnsetType = UNSET
-    budget_usd: NonNegative | msgspec.UnsetType | None = UNSET
+    model_limits: dict[str, Limits] | msgspec.UnsetType = UNSET
     expires_at: float | msgspec.UnsetType | None = UNSET
     owner: dict[str, str] | msgspec.UnsetType = UNSET
     enabled: bool | msgspec.UnsetType = UNSET
@@ -125,11 +125,17 @@ class AdminAPI:
     async def decode(self, request: Request, kind: type[Any]) -> Any:
         body = await request.body()
         try:
-            return msgspec.json.decode(body or b"{}", type=kind)
+            spec = msgspec.json.decode(body or b"{}", type=kind)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"Invalid request body: {exc}") from None
         except msgspec.DecodeError:
             raise InvalidRequest("The request body is not valid JSON.") from None
+        for alias, limits in (getattr(spec, "model_limits", None) or {}).items():
+            if alias not in self.keys.allowed([glob.escape(alias)]):
+                raise InvalidRequest(f"model_limits: unknown model '{alias}'", param="model_limits")
+            if limits.concurrency:
+                raise InvalidRequest("model_limits: concurrency is a key limit only", param="model_limits")
+        return spec
 
     def record(self, request: Request, *, writable: bool = False) -> KeyRecord:
         key_id = request.path_params["key_id"]
@@ -160,7 +166,7 @@ class AdminAPI:
             created_at=now,
             models=spec.models,
             limits=spec.limits,
-            budget_usd=spec.budget_usd,
+            model_limits=spec.model_limits,
             expires_at=expires_at,
             enabled=spec.enabled,
             owner=spec.owner,

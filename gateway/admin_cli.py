@@ -10,9 +10,11 @@ from typing import Any
 
 import httpx
 
+_LIMITS = ("rpm", "tpm", "rpd", "concurrency", "budget_usd", "budget_period")
 
-def _limits(args: argparse.Namespace) -> dict[str, int]:
-    return {k: v for k in ("rpm", "tpm", "rpd") if (v := getattr(args, k)) is not None}
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k in _LIMITS if (v := getattr(args, k)) is not None}
 
 
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -23,8 +25,6 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["models"] = [m for m in args.models.split(",") if m]
     if limits := _limits(args):
         spec["limits"] = limits
-    if args.budget_usd is not None:
-        spec["budget_usd"] = args.budget_usd
     if args.owner:
         spec["owner"] = dict(item.split("=", 1) for item in args.owner)
     return spec
@@ -96,8 +96,9 @@ def add_parser(sub: Any) -> None:
             p.add_argument("--expires-in-s", type=float)
         p.add_argument("--name", required=name == "create")
         p.add_argument("--models", help="comma-separated aliases or globs")
-        for limit in ("rpm", "tpm", "rpd"):
+        for limit in ("rpm", "tpm", "rpd", "concurrency"):
             p.add_argument(f"--{limit}", type=int)
         p.add_argument("--budget-usd", type=float)
+        p.add_argument("--budget-period", choices=("day", "month"))
         p.add_argument("--owner", action="append", metavar="KEY=VALUE")
     keys.set_defaults(run=run)

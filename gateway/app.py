@@ -34,7 +34,7 @@ from gateway.errors import MethodNotAllowed, NotFound, ServerError, ServiceUnava
 from gateway.forward import Forward
 from gateway.jwt import JWTVerifier, KeyLoadError
 from gateway.keys import KeyStore
-from gateway.limits import Limiter
+from gateway.limiter import Limiter
 from gateway.middleware.access_log import AccessLogMiddleware
 from gateway.middleware.auth import AuthMiddleware
 from gateway.middleware.body import BodyMiddleware
@@ -122,7 +122,13 @@ class Snapshot:
         aliases: dict[str, Alias] = {}
         for model in config.models:
             routes = [
-                Route(adapters[d.provider], self.pools[d.provider], Target(d.model, d.params), d.weight)
+                Route(
+                    adapters[d.provider],
+                    self.pools[d.provider],
+                    Target(d.model, d.params),
+                    d.weight,
+                    d.limits,
+                )
                 for d in model.deployments
                 if d.provider in adapters
             ]
@@ -163,10 +169,20 @@ class Snapshot:
             routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
         )
         r = config.router
+        # A request lives at most total_s: a lease outliving it by a minute is one a dead replica left.
+        limiter = Limiter(
+            self.store,
+            self.breakers,
+            prices,
+            lease_s=r.timeouts.total_s + 60,
+            outage=config.store.outage.limits,
+        )
+        self.limiter = limiter
         forward = Forward(
             self.router,
             self.breakers,
             self.usage,
+            limiter,
             retries=r.retries,
             total_s=r.timeouts.total_s,
             backoff_s=r.backoff_s,
@@ -176,7 +192,7 @@ class Snapshot:
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         if self.cache is not None:
             app = CacheMiddleware(app, cache=self.cache, always=c.mode == "always")
-        app = RateLimitMiddleware(app, limiter=Limiter(self.store))
+        app = RateLimitMiddleware(app, limiter=limiter, forward=forward)
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
         self.jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt else None
         app = AuthMiddleware(app, keys=self.keys, jwt=self.jwt)

@@ -245,6 +245,13 @@ class Breakers:
         breaker = self._breakers.get(deployment)
         return CLOSED if breaker is None else breaker.state
 
+    def rejects(self, deployment: str) -> bool:
+        """Would `admit` refuse now, without asking the store? (Open, or a probe already out.)"""
+        breaker = self._breakers.get(deployment)
+        if breaker is None or breaker.state is CLOSED:
+            return False
+        return breaker.probing or self._clock() < breaker.retry_at
+
     async def admit(self, deployment: str) -> Admission:
         """May a request go to `deployment`? Closed: ALLOW and open in its cooldown: REJECT, both with no I/O.
 

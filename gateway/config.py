@@ -39,18 +39,35 @@ class ServerConfig(Struct):
     access_log: bool = True  # one JSON line per request on the gateway.access logger
 
 
+class OutagePolicy(Struct):
+    """While the store is unreachable: serve anyway (open) or answer 503 (closed), per concern.
+
+    Auth has no setting: it needs no store call per request (every replica holds the keys).
+    """
+
+    limits: Literal["open", "closed"] = "open"  # open: each replica counts on its own
+    cache: Literal["open", "closed"] = "open"  # open: answers go uncached
+
+
 class StoreConfig(Struct):
     url: str = "memory://"
     timeout_s: PositiveFloat = 1.0
     max_connections: PositiveInt = 50
+    outage: OutagePolicy = OutagePolicy()
 
 
-class Limits(Struct):
-    """Not yet enforced: the rate-limit issue brings them into force."""
+class Limits(Struct, omit_defaults=True):
+    """A key's limits (also per model for a key, and a deployment's quota); unset: unlimited."""
 
-    rpm: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    rpd: PositiveInt | None = None
+    rpm: PositiveInt | None = None  # requests per minute, sliding
+    tpm: PositiveInt | None = None  # prompt + completion tokens per minute, sliding
+    rpd: PositiveInt | None = None  # requests per day, sliding
+    concurrency: PositiveInt | None = None  # requests and streams in flight (keys only)
+    budget_usd: Annotated[float, msgspec.Meta(gt=0)] | None = None  # spend per budget_period, from prices
+    budget_period: Literal["day", "month"] = "month"  # UTC calendar day or month
+
+    def __bool__(self) -> bool:
+        return any((self.rpm, self.tpm, self.rpd, self.concurrency, self.budget_usd))
 
 
 class KeyConfig(Struct):
@@ -58,6 +75,7 @@ class KeyConfig(Struct):
     key: str
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     limits: Limits = Limits()
+    model_limits: dict[str, Limits] = {}  # alias -> limits of this key on that model, beside `limits`
 
 
 class AuthConfig(Struct):
@@ -77,7 +95,7 @@ class Deployment(Struct):
 
 
 class Price(Struct):
-    """USD per million tokens, for the usage report's cost."""
+    """USD per million tokens: the usage report's cost and the budgets' currency."""
 
     input_per_mtok: Annotated[float, msgspec.Meta(ge=0)] = 0
     output_per_mtok: Annotated[float, msgspec.Meta(ge=0)] = 0
@@ -213,6 +231,8 @@ def _cross_check(config: Config) -> list[str]:
         for j, dep in enumerate(model.deployments):
             if dep.provider not in config.providers:
                 problems.append(f"models[{i}].deployments[{j}].provider: unknown provider '{dep.provider}'")
+            if dep.limits.concurrency:
+                problems.append(f"models[{i}].deployments[{j}].limits.concurrency: a key limit only")
     for i, model in enumerate(config.models):
         for j, fallback in enumerate(model.fallbacks):
             if fallback == model.name:
@@ -231,6 +251,11 @@ def _cross_check(config: Config) -> list[str]:
         elif key.key in secrets:
             problems.append(f"{path}.key: same key as another entry")
         secrets.add(key.key)
+        for alias, limits in key.model_limits.items():
+            if alias not in aliases:
+                problems.append(f"{path}.model_limits.{alias}: unknown model '{alias}'")
+            elif limits.concurrency:
+                problems.append(f"{path}.model_limits.{alias}.concurrency: set it in the key's limits")
     if config.auth.admin_key and len(config.auth.admin_key) < MIN_KEY_CHARS:
         problems.append(f"auth.admin_key: shorter than {MIN_KEY_CHARS} characters")
     if config.auth.hash_secret and len(config.auth.hash_secret) < 32:

@@ -9,11 +9,14 @@ from gateway.types import Send
 
 if TYPE_CHECKING:
     from gateway.keys import Policy
+    from gateway.limiter import Admission
     from gateway.providers import Operation
+    from gateway.router import Route
 
 
 class RequestContext:
     __slots__ = (
+        "admission",
         "body",
         "cache",
         "complete",
@@ -22,12 +25,14 @@ class RequestContext:
         "identity",
         "model",
         "operation",
+        "plan",
         "policy",
         "request_id",
         "responded",
         "started",
         "status",
         "tokens",
+        "usage",
     )
 
     def __init__(self, request_id: bytes, started: float) -> None:
@@ -45,6 +50,9 @@ class RequestContext:
         self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. x-ratelimit-*, for every answer
         self.tokens: int | None = None  # the answer's prompt + completion tokens, when it says
         self.deployment = ""  # provider/model the request went to, for the access log
+        self.usage: tuple[int, int] | None = None  # the answer's (prompt, completion) tokens, when it says
+        self.plan: list[Route] | None = None  # the deployments to try, once resolved
+        self.admission: Admission | None = None  # what the limits charged, to settle afterwards
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers every response carries."""

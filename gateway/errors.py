@@ -97,6 +97,13 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(RateLimited):
+    """A spend budget is used up (OpenAI's own shape for an exhausted quota)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ServerError(GatewayError):
     status = 500
     type = "server_error"

@@ -29,11 +29,13 @@ from gateway.errors import (
     GatewayError,
     NotFound,
     PermissionDenied,
+    RateLimited,
     ServiceUnavailable,
     UnsupportedOperation,
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.limiter import Limiter
 from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
 from gateway.router import Route, Router
 from gateway.types import Receive, Scope, Send
@@ -68,6 +70,7 @@ class Forward:
         router: Router,
         breakers: Breakers,
         usage: UsageRecorder,
+        limiter: Limiter,
         *,
         retries: int,
         total_s: float,
@@ -78,6 +81,7 @@ class Forward:
         self.router = router
         self.breakers = breakers
         self.usage = usage
+        self.limiter = limiter
         self.retries = retries
         self.total_s = total_s
         self.backoff_s = backoff_s
@@ -115,7 +119,7 @@ class Forward:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope["gateway"]
         try:
-            plan = self.resolve(ctx)
+            plan = ctx.plan or self.resolve(ctx)
         except GatewayError as exc:
             await ctx.send_error(send, exc)
             return
@@ -156,17 +160,32 @@ class Forward:
         deadline = ctx.started + self.total_s
         attempts = 0
         tried: set[Route] = set()
-        timed_out: set[Route] = set()
+        admission = ctx.admission
+        skip: set[Route] = set(admission.skipped) if admission is not None else set()  # timed out, no quota
         last: GatewayError | Failed = ServiceUnavailable(
             f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
             code="deployments_unavailable",
         )
         index = 0
         while attempts <= self.retries and time.perf_counter() < deadline:
-            route, probe = await self.next_route(plan, index, timed_out)
+            route, probe = await self.next_route(plan, index, skip)
             if route is None:
                 break
             index = plan.index(route) + 1
+            if route.quota:
+                if admission is not None and admission.prepaid is route:
+                    admission.prepaid = None  # paid by the admission, for this first attempt
+                elif not await self.limiter.charge(ctx, route):
+                    skip.add(route)
+                    if attempts:
+                        continue  # the failure already met is the answer
+                    last = RateLimited(
+                        f"Every deployment of model `{ctx.model}` is at its quota; try again shortly.",
+                        code="deployment_quota_exceeded",
+                        headers=[(b"retry-after", b"1")],
+                    )
+                    continue
+                admission = ctx.admission
             if route in tried:
                 # The same deployment again: back off (full jitter), within the deadline.
                 delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)))
@@ -195,7 +214,7 @@ class Forward:
                 self.breakers.note_error(route.id, exc.message)
                 self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
                 if isinstance(exc, UpstreamTimeout):
-                    timed_out.add(route)
+                    skip.add(route)
                 last = exc
                 continue
             waited = time.perf_counter() - sent
@@ -296,6 +315,7 @@ class Forward:
 
     def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
         if usage is not None:
+            ctx.usage = usage
             ctx.tokens = usage[0] + usage[1]
         if ctx.policy is not None:
             self.usage.add(ctx.policy.key_id, ctx.model, usage)

@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -47,7 +47,7 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     created_at: float
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     limits: Limits = Limits()
-    budget_usd: float | None = None
+    model_limits: dict[str, Limits] = {}
     expires_at: float | None = None
     enabled: bool = True
     owner: dict[str, str] = {}
@@ -68,7 +68,17 @@ NO_LIMITS = Limits()
 class Policy:
     """What one credential may do, as the hot path needs it."""
 
-    __slots__ = ("digest", "enabled", "expires_at", "key_id", "limits", "models", "name", "valid_until")
+    __slots__ = (
+        "digest",
+        "enabled",
+        "expires_at",
+        "key_id",
+        "limits",
+        "model_limits",
+        "models",
+        "name",
+        "valid_until",
+    )
 
     def __init__(
         self,
@@ -78,6 +88,7 @@ class Policy:
         *,
         digest: bytes = b"",
         limits: Limits = NO_LIMITS,
+        model_limits: Mapping[str, Limits] | None = None,
         enabled: bool = True,
         expires_at: float | None = None,
         valid_until: float | None = None,
@@ -87,6 +98,7 @@ class Policy:
         self.digest = digest
         self.models = models  # the aliases this credential may use, globs already expanded
         self.limits = limits
+        self.model_limits = model_limits or {}  # alias -> this key's limits on it
         self.enabled = enabled
         self.expires_at = expires_at
         self.valid_until = valid_until  # set for a rotated-out secret in its grace period
@@ -101,6 +113,7 @@ class Policy:
             models,
             digest=digest,
             limits=record.limits,
+            model_limits=record.model_limits,
             enabled=record.enabled,
             expires_at=record.expires_at,
             valid_until=valid_until,
@@ -139,6 +152,7 @@ class KeyStore:
             created_at=0,
             models=key.models,
             limits=key.limits,
+            model_limits=key.model_limits,
             source="config",
         )
 

@@ -1,196 +1,328 @@
-"""Per-key rate limits: requests per minute and per day, tokens per minute, in one atomic script.
+"""Rate limits, quotas, concurrency caps and budgets: all of a request's checks in one atomic script.
 
-Each limit is a sliding window estimated from two fixed windows (the previous
-window's count weighted by how much of it still overlaps, plus the current
-count). All of a request's limits are decided together in one script run, on the
-store's clock (Redis TIME), and either every counter is charged or none is. Token
-limits charge an estimate on admission (prompt characters / 4 + the requested
-completion tokens); the answer's real usage corrects it afterwards.
+A request is checked against its key's limits, the key's limits on that model,
+and the quota of the deployment it will go to. One script run decides them
+together on the store's clock (Redis TIME, so a replica's skewed clock changes
+nothing) and either charges every counter or none. When the model's first
+deployments are over their quota the script picks the next deployment that has
+room (the router's order); only when none has, the client gets 429.
 
-Keys (one hash tag per API key, so the script touches one slot):
-`gw:{rl:<key id>}:<limit>:<window number>`, expiring after two windows.
+Kinds of limit:
+    sliding   rpm, tpm, rpd: a two-window weighted counter (the previous window's
+              count scaled by how much of it still overlaps, plus the current one).
+              Exact when traffic is even; it can admit early or late by at most the
+              previous window's unevenness (bench/limits_error.py measures it).
+    calendar  budgets: USD (as nano-USD) per UTC day or month, a fixed window.
+    lease     concurrency: a sorted set of in-flight request ids scored by expiry,
+              released when the answer ends and expired if a replica dies mid-request.
+
+Tokens and cost are charged as an estimate on admission (prompt characters / 4
++ the completion tokens asked for) and corrected by `settle` after the answer,
+to its real usage (0 for an error or a cache hit).
+
+Store schema: every limit of every key and deployment lives under one hash tag,
+`{rl}`, because one script must touch all of a request's counters (a key's and a
+deployment's) and Redis Cluster runs a script on one slot only:
+    gw:{rl}:k:<key id>:<rpm|tpm|rpd>:<window number>       counter, expires after 2 windows
+    gw:{rl}:k:<key id>:m:<alias>:<rpm|tpm|rpd>:<window>    the key's limits on one model
+    gw:{rl}:k:<key id>:usd:<day or month number>           budget spent, nano-USD
+    gw:{rl}:k:<key id>:conc                                zset: request id -> lease expiry (ms)
+    gw:{rl}:d:<provider>/<model>:<rpm|tpm|rpd>:<window>    a deployment's quota, all keys together
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+import datetime
+import itertools
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import orjson
 
 from gateway.config import Limits
-from gateway.store import LocalOps, Script, Store, StoreError
+from gateway.store import LocalOps, Script
 
-log = logging.getLogger("gateway.limits")
-
+PREFIX = "gw:{rl}"
 MINUTE_MS, DAY_MS = 60_000, 86_400_000
+MONTH = 0  # a calendar window's length when it is the UTC month
 DEFAULT_COMPLETION_TOKENS = 256
+NANO_USD_PER_MTOK = 1000  # USD per million tokens x 1000 = nano-USD per token
+
+SLIDING, CALENDAR, LEASE = b"s", b"f", b"c"
+REQUESTS, TOKENS, COST = 0, 1, 2  # what a limit counts
+_REASON = {
+    "rpm": "requests per minute (rpm)",
+    "tpm": "tokens per minute (tpm)",
+    "rpd": "requests per day (rpd)",
+    "usd": "budget (USD)",
+    "conc": "concurrent requests",
+}
+
+
+class Spec(NamedTuple):
+    """One limit as the script sees it."""
+
+    kind: bytes
+    name: str  # the counter's name under PREFIX
+    limit: int
+    window_ms: int  # sliding/calendar: the window (MONTH: the calendar month); lease: its expiry
+    counts: int  # REQUESTS, TOKENS or COST
+    label: str  # for the 429 message: "rpm", "tpm", "rpd", "usd" or "conc"
+    scope: str  # "this key", "this key on model `x`", or a deployment id
+
+
+def specs_of(limits: Limits, name: str, scope: str, lease_ms: int) -> tuple[Spec, ...]:
+    out: list[Spec] = []
+    if limits.rpm:
+        out.append(Spec(SLIDING, f"{name}:rpm", limits.rpm, MINUTE_MS, REQUESTS, "rpm", scope))
+    if limits.tpm:
+        out.append(Spec(SLIDING, f"{name}:tpm", limits.tpm, MINUTE_MS, TOKENS, "tpm", scope))
+    if limits.rpd:
+        out.append(Spec(SLIDING, f"{name}:rpd", limits.rpd, DAY_MS, REQUESTS, "rpd", scope))
+    if limits.budget_usd:
+        window = DAY_MS if limits.budget_period == "day" else MONTH
+        budget = round(limits.budget_usd * 1e9)
+        out.append(Spec(CALENDAR, f"{name}:usd", budget, window, COST, "usd", scope))
+    if limits.concurrency:
+        out.append(Spec(LEASE, f"{name}:conc", limits.concurrency, lease_ms, REQUESTS, "conc", scope))
+    return tuple(out)
+
+
+def month_number(ms: int) -> tuple[int, int]:
+    """(year * 12 + month - 1, ms until the month ends) in UTC, as the Lua computes it."""
+    at = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    following = datetime.datetime(at.year + at.month // 12, at.month % 12 + 1, 1, tzinfo=datetime.UTC)
+    return at.year * 12 + at.month - 1, int(following.timestamp() * 1000) - ms
+
+
+def window_of(kind: bytes, window: int, now: int) -> tuple[int, int, int]:
+    """(window number, ms to reset, TTL ms of its counter) of a sliding or calendar limit at `now`."""
+    if window == MONTH:
+        number, reset = month_number(now)
+        return number, reset, reset + DAY_MS
+    number = now // window
+    reset = window - (now - number * window)
+    return number, reset, 2 * window
 
 
 def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]:
     now = int(ops.time() * 1000)
-    prefix = keys[0]
-    specs = [
-        (args[i].decode(), int(args[i + 1]), int(args[i + 2]), int(args[i + 3]))
-        for i in range(0, len(args), 4)
-    ]
-    admitted, refused, reset = 1, 0, 0
-    out: list[int] = []
-    states = []
-    for index, (name, limit, window, cost) in enumerate(specs):
-        number = now // window
-        elapsed = now - number * window
-        current_key = f"{prefix}:{name}:{number}"
-        current = int(ops.get(current_key) or b"0")
-        previous = int(ops.get(f"{prefix}:{name}:{number - 1}") or b"0")
-        used = previous * (window - elapsed) // window + current
-        states.append((current_key, window, cost))
-        if used + cost > limit and admitted:
-            admitted, refused, reset = 0, index + 1, window - elapsed
-        out += [max(0, limit - used - cost), window - elapsed]
-    if admitted:
-        for current_key, window, cost in states:
-            ops.incr(current_key, cost)
-            ops.expire(current_key, 2 * window / 1000)
-    return [admitted, refused, reset, *out]
+    member, alternatives, free = args[0].decode(), int(args[1]), int(args[2])
+    states = []  # (group, kind, key, limit, cost, used, reset, ttl)
+    for i in range(3, len(args), 6):
+        group, kind, name = int(args[i]), args[i + 1], args[i + 2].decode()
+        limit, window, cost = int(args[i + 3]), int(args[i + 4]), int(args[i + 5])
+        base = f"{keys[0]}:{name}"
+        if kind == LEASE:
+            leases = {m: e for m, e in orjson.loads(ops.get(base) or b"{}").items() if e > now}
+            ops.set(base, orjson.dumps(leases), window / 1000) if leases else ops.delete(base)
+            states.append((group, kind, base, limit, cost, len(leases), 1000, window))
+            continue
+        number, reset, ttl = window_of(kind, window, now)
+        current = int(ops.get(f"{base}:{number}") or b"0")
+        used = current
+        if kind == SLIDING:
+            previous = int(ops.get(f"{base}:{number - 1}") or b"0")
+            used += previous * reset // window
+        states.append((group, kind, f"{base}:{number}", limit, cost, used, reset, ttl))
+    refused, reset_ms, chosen = _decide(states, alternatives, free)
+    if not refused:
+        for group, kind, key, _limit, cost, _used, _reset, ttl in states:
+            if group not in (0, chosen):
+                continue
+            if kind == LEASE:
+                leases = orjson.loads(ops.get(key) or b"{}")
+                leases[member] = now + ttl
+                ops.set(key, orjson.dumps(leases), ttl / 1000)
+            elif cost:
+                ops.incr(key, cost)
+                ops.expire(key, ttl / 1000)
+    out = [0 if refused else 1, refused, reset_ms, chosen, now]
+    for group, _kind, _key, limit, cost, used, reset, _ttl in states:
+        if group == 0:
+            out += [max(0, limit - used - (0 if refused else cost)), reset]
+    return out
 
 
-# KEYS[1]: the key's prefix. ARGV: (name, limit, window ms, cost) per limit.
-# Reply: [admitted, 1-based index of the refusing limit or 0, its ms to reset,
-#         then per limit: remaining, ms to reset]
+def _decide(states: list[tuple[Any, ...]], alternatives: int, free: int) -> tuple[int, int, int]:
+    """(1-based index of the refusing limit or 0, its ms to reset, the chosen alternative or 0)."""
+    fits = [state[5] + state[4] <= state[3] for state in states]
+    for index, state in enumerate(states):
+        if state[0] == 0 and not fits[index]:
+            return index + 1, state[6], 0
+    if not alternatives:
+        return 0, 0, 0
+    full = {state[0] for index, state in enumerate(states) if state[0] and not fits[index]}
+    for group in range(1, alternatives + 1):
+        if group not in full:
+            return 0, 0, group
+    if free:
+        return 0, 0, 0
+    # Every deployment is over its quota: report the one that frees soonest.
+    waits = [(state[6], index + 1) for index, state in enumerate(states) if state[0] and not fits[index]]
+    reset, index = min(waits)
+    return index, reset, 0
+
+
+# KEYS[1]: PREFIX. ARGV: lease member, number of alternatives (deployments with quotas, in
+# the router's order), 1 if a deployment without quota follows them, then per limit:
+# group (0: always; n: alternative n), kind, name, limit, window ms, cost.
+# Reply: [admitted, 1-based index of the refusing limit or 0, its ms to reset, chosen
+#         alternative (0: none needed), now ms, then per group-0 limit: remaining, ms to reset]
 ADMIT = Script(
     "gateway.rate_admit",
     lua="""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local admitted, refused, reset = 1, 0, 0
-local out = {}
-local charges = {}
-for i = 1, #ARGV, 4 do
-  local name, limit, window, cost = ARGV[i], tonumber(ARGV[i+1]), tonumber(ARGV[i+2]), tonumber(ARGV[i+3])
-  local number = math.floor(now / window)
-  local elapsed = now - number * window
-  local current_key = KEYS[1] .. ':' .. name .. ':' .. number
-  local current = tonumber(redis.call('GET', current_key) or '0')
-  local previous = tonumber(redis.call('GET', KEYS[1] .. ':' .. name .. ':' .. (number - 1)) or '0')
-  local used = math.floor(previous * (window - elapsed) / window) + current
-  charges[#charges + 1] = {current_key, window, cost}
-  if used + cost > limit and admitted == 1 then
-    admitted, refused, reset = 0, (i + 3) / 4, window - elapsed
-  end
-  out[#out + 1] = math.max(0, limit - used - cost)
-  out[#out + 1] = window - elapsed
+local DAY = 86400000
+local LENGTHS = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
+-- Month number and ms to its end, in UTC (H. Hinnant's civil_from_days).
+local function month(ms)
+  local z = math.floor(ms / DAY) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)
+  yoe = math.floor(yoe / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  local length = LENGTHS[m]
+  if m == 2 and y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) then length = 29 end
+  return y * 12 + m - 1, (length - d + 1) * DAY - ms % DAY
 end
-if admitted == 1 then
-  for _, c in ipairs(charges) do
-    redis.call('INCRBY', c[1], c[3])
-    redis.call('PEXPIRE', c[1], 2 * c[2])
+
+local member, alternatives, free = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local states = {}
+for i = 4, #ARGV, 6 do
+  local s = {group = tonumber(ARGV[i]), kind = ARGV[i + 1], limit = tonumber(ARGV[i + 3]),
+             cost = tonumber(ARGV[i + 5])}
+  local window = tonumber(ARGV[i + 4])
+  local base = KEYS[1] .. ':' .. ARGV[i + 2]
+  if s.kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', base, '-inf', now)
+    s.key, s.used, s.reset, s.ttl = base, redis.call('ZCARD', base), 1000, window
+  else
+    local number, reset, ttl
+    if window == 0 then
+      number, reset = month(now)
+      ttl = reset + DAY
+    else
+      number = math.floor(now / window)
+      reset, ttl = window - (now - number * window), 2 * window
+    end
+    s.key, s.reset, s.ttl = base .. ':' .. number, reset, ttl
+    s.used = tonumber(redis.call('GET', s.key) or '0')
+    if s.kind == 's' then
+      local previous = tonumber(redis.call('GET', base .. ':' .. (number - 1)) or '0')
+      s.used = s.used + math.floor(previous * reset / window)
+    end
+  end
+  s.fits = s.used + s.cost <= s.limit
+  states[#states + 1] = s
+end
+
+local refused, reset, chosen = 0, 0, 0
+for i, s in ipairs(states) do
+  if s.group == 0 and not s.fits then refused, reset = i, s.reset; break end
+end
+if refused == 0 and alternatives > 0 then
+  local full = {}
+  for _, s in ipairs(states) do
+    if s.group > 0 and not s.fits then full[s.group] = true end
+  end
+  for g = 1, alternatives do
+    if not full[g] then chosen = g; break end
+  end
+  if chosen == 0 and free == 0 then
+    for i, s in ipairs(states) do
+      if s.group > 0 and not s.fits and (refused == 0 or s.reset < reset) then refused, reset = i, s.reset end
+    end
   end
 end
-table.insert(out, 1, reset)
-table.insert(out, 1, refused)
-table.insert(out, 1, admitted)
+
+if refused == 0 then
+  for _, s in ipairs(states) do
+    if s.group == 0 or s.group == chosen then
+      if s.kind == 'c' then
+        redis.call('ZADD', s.key, now + s.ttl, member)
+        redis.call('PEXPIRE', s.key, s.ttl)
+      elseif s.cost > 0 then
+        redis.call('INCRBY', s.key, s.cost)
+        redis.call('PEXPIRE', s.key, s.ttl)
+      end
+    end
+  end
+end
+
+local out = {refused == 0 and 1 or 0, refused, reset, chosen, now}
+for _, s in ipairs(states) do
+  if s.group == 0 then
+    local cost = refused == 0 and s.cost or 0
+    out[#out + 1] = math.max(0, s.limit - s.used - cost)
+    out[#out + 1] = s.reset
+  end
+end
 return out
 """,
     local=_admit_local,
 )
 
 
-def _adjust_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
-    window = int(args[1])
-    key = f"{keys[0]}:{int(ops.time() * 1000) // window}"
-    value = ops.incr(key, int(args[0]))
-    if value < 0:
-        ops.set(key, b"0")
-        value = 0
-    ops.expire(key, 2 * window / 1000)
-    return value
+def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
+    if args[1]:
+        lease = f"{keys[0]}:{args[1].decode()}"
+        leases = orjson.loads(ops.get(lease) or b"{}")
+        if leases.pop(args[0].decode(), None) is not None:
+            ttl = ops.ttl(lease)
+            ops.set(lease, orjson.dumps(leases), ttl) if leases and ttl else ops.delete(lease)
+    for i in range(2, len(args), 2):
+        key = f"{keys[0]}:{args[i].decode()}"
+        if ops.get(key) is not None and ops.incr(key, int(args[i + 1])) < 0:
+            ops.set(key, b"0", ops.ttl(key))
+    return 1
 
 
-# KEYS[1]: `<prefix>:tpm`. ARGV: token delta, window ms. Corrects the current window by the real usage.
-ADJUST = Script(
-    "gateway.rate_adjust",
+# KEYS[1]: PREFIX. ARGV: lease member, the lease's name ("" for none), then per counter
+# charged on admission: its name with window number, the correction. A counter whose
+# window has expired is left alone; none goes below zero.
+SETTLE = Script(
+    "gateway.rate_settle",
     lua="""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local key = KEYS[1] .. ':' .. math.floor(now / tonumber(ARGV[2]))
-local value = redis.call('INCRBY', key, ARGV[1])
-if value < 0 then redis.call('SET', key, 0); value = 0 end
-redis.call('PEXPIRE', key, 2 * tonumber(ARGV[2]))
-return value
+if ARGV[2] ~= '' then redis.call('ZREM', KEYS[1] .. ':' .. ARGV[2], ARGV[1]) end
+for i = 3, #ARGV, 2 do
+  local key = KEYS[1] .. ':' .. ARGV[i]
+  if redis.call('EXISTS', key) == 1 and redis.call('INCRBY', key, ARGV[i + 1]) < 0 then
+    redis.call('SET', key, 0, 'KEEPTTL')
+  end
+end
+return 1
 """,
-    local=_adjust_local,
+    local=_settle_local,
 )
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """Prompt characters / 4 (a fast stand-in for a tokenizer) plus the completion tokens asked for."""
+def estimate(body: Mapping[str, Any]) -> tuple[int, int]:
+    """(prompt, completion) tokens: prompt characters / 4, a fast stand-in for a tokenizer, and the
+    completion tokens asked for (or a default)."""
     prompt = body.get("messages") or body.get("prompt") or body.get("input") or ""
-    chars = len(orjson.dumps(prompt)) if not isinstance(prompt, str) else len(prompt)
-    completion = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
-    return chars // 4 + (completion if isinstance(completion, int) else DEFAULT_COMPLETION_TOKENS)
+    chars = len(prompt) if isinstance(prompt, str) else len(orjson.dumps(prompt))
+    completion = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(completion, int) or completion < 0:
+        completion = DEFAULT_COMPLETION_TOKENS
+    return chars // 4, completion
 
 
-class Decision:
-    __slots__ = ("admitted", "estimate", "headers", "refused", "retry_after_s")
-
-    def __init__(
-        self,
-        admitted: bool,
-        headers: list[tuple[bytes, bytes]],
-        refused: str,
-        retry_after_s: float,
-        estimate: int,
-    ) -> None:
-        self.admitted = admitted
-        self.headers = headers  # OpenAI's x-ratelimit-* headers
-        self.refused = refused  # which limit said no
-        self.retry_after_s = retry_after_s
-        self.estimate = estimate  # tokens charged on admission
+_PROCESS = os.urandom(4).hex()
+_SEQUENCE = itertools.count()
 
 
-class Limiter:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+def lease_member() -> str:
+    """A request's id in lease sets: unique across replicas (a client's x-request-id may repeat)."""
+    return f"{_PROCESS}.{next(_SEQUENCE)}"
 
-    async def admit(self, key_id: str, limits: Limits, body: dict[str, Any]) -> Decision | None:
-        """One store round trip; None when the key has no limits (or the store is down: fail open)."""
-        specs: list[tuple[str, int, int, int]] = []
-        estimate = estimate_tokens(body) if limits.tpm else 0
-        if limits.rpm:
-            specs.append(("rpm", limits.rpm, MINUTE_MS, 1))
-        if limits.tpm:
-            specs.append(("tpm", limits.tpm, MINUTE_MS, estimate))
-        if limits.rpd:
-            specs.append(("rpd", limits.rpd, DAY_MS, 1))
-        if not specs:
-            return None
-        args: list[str | int] = [part for spec in specs for part in spec]
-        try:
-            reply = await self.store.run(ADMIT, [f"gw:{{rl:{key_id}}}"], args)
-        except StoreError as exc:
-            log.error("rate limits not enforced (store unreachable): %s", exc)
-            return None
-        admitted, refused, reset_ms = int(reply[0]), int(reply[1]), int(reply[2])
-        headers: list[tuple[bytes, bytes]] = []
-        for index, (name, limit, _, _) in enumerate(specs):
-            remaining, reset = int(reply[3 + 2 * index]), int(reply[4 + 2 * index])
-            if name == "rpd" and limits.rpm:
-                continue  # OpenAI's headers carry one requests window: the minute, when there is one
-            kind = b"requests" if name in ("rpm", "rpd") else b"tokens"
-            headers += [
-                (b"x-ratelimit-limit-" + kind, b"%d" % limit),
-                (b"x-ratelimit-remaining-" + kind, b"%d" % remaining),
-                (b"x-ratelimit-reset-" + kind, b"%.3fs" % (reset / 1000)),
-            ]
-        name = specs[refused - 1][0] if refused else ""
-        return Decision(bool(admitted), headers, name, reset_ms / 1000, estimate)
 
-    async def reconcile(self, key_id: str, decision: Decision, actual_tokens: int) -> None:
-        """Replace the admission's token estimate by the real count (never below zero overall)."""
-        delta = actual_tokens - decision.estimate
-        if delta:
-            try:
-                await self.store.run(ADJUST, [f"gw:{{rl:{key_id}}}:tpm"], [delta, MINUTE_MS])
-            except StoreError as exc:
-                log.warning("token usage not reconciled for %s: %s", key_id, exc)
+def reason(spec: Spec) -> str:
+    return f"{_REASON[spec.label]} on {spec.scope}"

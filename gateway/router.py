@@ -15,12 +15,15 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 
+from gateway.config import Limits
+from gateway.limits import specs_of
 from gateway.providers import Adapter, Capability, Target
 from gateway.store import LocalOps, Script, Store, StoreError
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("gateway.router")
 _EWMA_ALPHA = 0.2
+NO_LIMITS = Limits()
 INFLIGHT = "gw:{inflight}:"  # + deployment id: requests in flight on it, all replicas together
 _INFLIGHT_TTL_MS = 600_000  # a replica that died mid-request leaks its count for at most this long
 
@@ -28,14 +31,22 @@ _INFLIGHT_TTL_MS = 600_000  # a replica that died mid-request leaks its count fo
 class Route:
     """One deployment of an alias: where to send it and as which model."""
 
-    __slots__ = ("adapter", "ewma_s", "id", "pool", "target", "weight")
+    __slots__ = ("adapter", "ewma_s", "id", "pool", "quota", "target", "weight")
 
-    def __init__(self, adapter: Adapter, pool: UpstreamPool, target: Target, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        pool: UpstreamPool,
+        target: Target,
+        weight: float = 1.0,
+        limits: Limits = NO_LIMITS,
+    ) -> None:
         self.adapter = adapter
         self.pool = pool
         self.target = target
         self.weight = weight
         self.id = f"{adapter.name}/{target.model}"
+        self.quota = specs_of(limits, f"d:{self.id}", f"deployment {self.id}", 0)  # rpm/tpm/rpd/budget
         self.ewma_s: float | None = None
 
     def supports(self, needed: Iterable[Capability]) -> bool:

@@ -1,51 +1,41 @@
-"""Per-key rate limits on the hot routes: admit (one store round trip) or 429, then reconcile tokens.
+"""Limits on the hot routes: resolve the deployments, admit (one store round trip) or 429, then settle.
 
-The answer carries OpenAI's x-ratelimit-* headers; a 429 also carries Retry-After
-and names the limit. Token estimates are corrected after the answer has gone
-out: to its real usage, to 0 for an error or a cache hit, and left as charged
-when a stream reported no usage.
+The plan of deployments is resolved here, before anything is charged, so an
+unknown or forbidden model is refused without touching a counter, and the
+admission can pick a deployment with quota left. Every answer carries OpenAI's
+x-ratelimit-* headers; a 429 also carries Retry-After and names the limit. The
+settling (real token counts, cost, the concurrency lease) runs once the answer
+has gone out, and also when the client went away or the request failed.
 """
 
 from __future__ import annotations
 
-import math
-
 from gateway.context import RequestContext
-from gateway.errors import RateLimited
-from gateway.limits import Limiter
+from gateway.errors import GatewayError
+from gateway.forward import Forward
+from gateway.limiter import Limiter
 from gateway.types import ASGIApp, Receive, Scope, Send
-
-_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "rpd": "requests per day"}
 
 
 class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, limiter: Limiter) -> None:
+    def __init__(self, app: ASGIApp, *, limiter: Limiter, forward: Forward) -> None:
         self.app = app
         self.limiter = limiter
+        self.forward = forward
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext | None = scope.get("gateway")
         if scope["type"] != "http" or ctx is None or ctx.operation is None or ctx.policy is None:
             await self.app(scope, receive, send)
             return
-        policy = ctx.policy
-        decision = await self.limiter.admit(policy.key_id, policy.limits, ctx.body)
-        if decision is None:
+        try:
+            ctx.plan = self.forward.resolve(ctx)
+            ctx.admission = await self.limiter.admit(ctx, ctx.plan)
+        except GatewayError as exc:
+            await ctx.send_error(send, exc)
+            return
+        try:
             await self.app(scope, receive, send)
-            return
-        ctx.extra_headers += decision.headers
-        if not decision.admitted:
-            limit = getattr(policy.limits, decision.refused)
-            wait = math.ceil(decision.retry_after_s)
-            error = RateLimited(
-                f"Rate limit reached for {_NAMES[decision.refused]} ({decision.refused}) on this key: "
-                f"limit {limit}. Please try again in {decision.retry_after_s:.1f}s.",
-                headers=[(b"retry-after", b"%d" % wait)],
-            )
-            await ctx.send_error(send, error)
-            return
-        await self.app(scope, receive, send)
-        if decision.estimate:
-            actual = ctx.tokens if ctx.status == 200 and ctx.cache != b"hit" else 0
-            if actual is not None:
-                await self.limiter.reconcile(policy.key_id, decision, actual)
+        finally:
+            if ctx.admission is not None:  # also set by a failover that paid a deployment's quota
+                await self.limiter.settle(ctx)

@@ -1,17 +1,44 @@
-"""The rate-limit scripts on every backend: exact under concurrency, all-or-none, on the store's clock."""
+"""The limit scripts on every backend: exact under concurrency, all-or-none, on the store's clock."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import anyio
 import pytest
 
-from gateway.limits import ADJUST, ADMIT
-from gateway.store import Store
+from gateway.limits import (
+    ADMIT,
+    CALENDAR,
+    DAY_MS,
+    LEASE,
+    MINUTE_MS,
+    MONTH,
+    PREFIX,
+    SETTLE,
+    SLIDING,
+    month_number,
+)
+from gateway.store import Script, Store
 
 from . import all_stores, bounded_tests
 
 pytestmark = pytest.mark.anyio
-PREFIX = "gw:{rl:k}"
+
+
+def limit(
+    name: str, cap: int, cost: int = 1, *, group: int = 0, kind: bytes = SLIDING, window: int = MINUTE_MS
+):
+    return [group, kind, name, cap, window, cost]
+
+
+async def admit(
+    store: Store, *limits: list[Any], alternatives: int = 0, free: int = 0, member: str = ""
+) -> list[int]:
+    args: list[Any] = [member, alternatives, free]
+    for spec in limits:
+        args += spec
+    return [int(x) for x in await store.run(ADMIT, [PREFIX], args)]
 
 
 @all_stores
@@ -21,7 +48,7 @@ class TestAdmission:
         results: list[int] = []
 
         async def one() -> None:
-            results.append(int((await store.run(ADMIT, [PREFIX], ["rpm", 50, 60_000, 1]))[0]))
+            results.append((await admit(store, limit("k:a:rpm", 50)))[0])
 
         async with anyio.create_task_group() as tg:
             for _ in range(200):
@@ -29,24 +56,93 @@ class TestAdmission:
         assert results.count(1) == 50 and results.count(0) == 150
 
     async def test_all_or_none_and_the_refusing_limit(self, store: Store) -> None:
-        args = ["rpm", 10, 60_000, 1, "tpm", 100, 60_000, 80]
-        first = await store.run(ADMIT, [PREFIX], args)
-        assert [int(x) for x in first[:3]] == [1, 0, 0]
-        assert [int(first[3]), int(first[5])] == [9, 20]  # remaining requests, tokens
-        second = await store.run(ADMIT, [PREFIX], args)
-        assert int(second[0]) == 0 and int(second[1]) == 2 and 0 < int(second[2]) <= 60_000
-        third = await store.run(ADMIT, [PREFIX], ["rpm", 10, 60_000, 1])
-        assert int(third[3]) == 8  # the refused request charged nothing
-
-    async def test_adjust_corrects_and_never_goes_negative(self, store: Store) -> None:
-        await store.run(ADMIT, [PREFIX], ["tpm", 100, 60_000, 90])
-        assert int(await store.run(ADJUST, [PREFIX + ":tpm"], [-60, 60_000])) == 30
-        assert int(await store.run(ADJUST, [PREFIX + ":tpm"], [-500, 60_000])) == 0
-        reply = await store.run(ADMIT, [PREFIX], ["tpm", 100, 60_000, 100])
-        assert int(reply[0]) == 1
+        both = (limit("k:a:rpm", 10), limit("k:a:tpm", 100, 80))
+        first = await admit(store, *both)
+        assert first[:4] == [1, 0, 0, 0] and first[4] > 1_700_000_000_000  # the store's clock, ms
+        assert [first[5], first[7]] == [9, 20]  # remaining requests, tokens
+        second = await admit(store, *both)
+        assert second[0] == 0 and second[1] == 2 and 0 < second[2] <= MINUTE_MS
+        third = await admit(store, limit("k:a:rpm", 10))
+        assert third[5] == 8  # the refused request charged nothing
 
     async def test_window_slides(self, store: Store) -> None:
-        args = ["rps", 2, 300, 1]
-        assert [int((await store.run(ADMIT, [PREFIX], args))[0]) for _ in range(3)] == [1, 1, 0]
+        spec = limit("k:a:rps", 2, window=300)
+        assert [(await admit(store, spec))[0] for _ in range(3)] == [1, 1, 0]
         await anyio.sleep(0.65)  # two windows later nothing is left of them
-        assert int((await store.run(ADMIT, [PREFIX], args))[0]) == 1
+        assert (await admit(store, spec))[0] == 1
+
+    async def test_settle_corrects_never_below_zero_and_skips_gone_windows(self, store: Store) -> None:
+        reply = await admit(store, limit("k:a:tpm", 100, 90))
+        window = reply[4] // MINUTE_MS
+        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{window}", -60])
+        assert (await admit(store, limit("k:a:tpm", 100, 0)))[5] == 70
+        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{window}", -500, f"k:a:tpm:{window - 5}", 7])
+        assert (await admit(store, limit("k:a:tpm", 100, 100)))[0] == 1
+        assert await store.get(f"{PREFIX}:k:a:tpm:{window - 5}") is None  # not created by a correction
+
+
+@all_stores
+@bounded_tests
+class TestDeploymentsAndLeases:
+    async def test_first_deployment_with_room_is_chosen_and_charged(self, store: Store) -> None:
+        key = limit("k:a:rpm", 100)
+        east, west = limit("d:east:rpm", 1, group=1), limit("d:west:rpm", 5, group=2)
+        replies = [await admit(store, key, east, west, alternatives=2) for _ in range(3)]
+        assert [r[3] for r in replies] == [1, 2, 2]
+        assert [r[5] for r in replies] == [99, 98, 97]  # the key is charged whichever deployment
+
+    async def test_every_deployment_full_refuses_unless_one_without_quota_follows(self, store: Store) -> None:
+        east = limit("d:east:rpm", 1, group=1)
+        assert (await admit(store, east, alternatives=1))[:4] == [1, 0, 0, 1]
+        refused = await admit(store, limit("k:a:rpm", 10), east, alternatives=1)
+        assert refused[:2] == [0, 2] and 0 < refused[2] <= MINUTE_MS  # index 2: the deployment's limit
+        assert refused[5] == 10  # the key was not charged
+        spill = await admit(store, limit("k:a:rpm", 10), east, alternatives=1, free=1)
+        assert spill[:4] == [1, 0, 0, 0]  # admitted, to the deployment without a quota
+
+    async def test_concurrency_lease_caps_releases_and_expires(self, store: Store) -> None:
+        cap = limit("k:a:conc", 2, kind=LEASE, window=400)
+        assert [(await admit(store, cap, member=m))[0] for m in ("r1", "r2", "r3")] == [1, 1, 0]
+        await store.run(SETTLE, [PREFIX], ["r1", "k:a:conc"])
+        assert (await admit(store, cap, member="r4"))[0] == 1
+        await anyio.sleep(0.5)  # r2 and r4 die with their replica: their leases expire
+        assert [(await admit(store, cap, member=m))[0] for m in ("r5", "r6", "r7")] == [1, 1, 0]
+
+    async def test_budget_is_a_calendar_month_on_the_store_clock(self, store: Store) -> None:
+        budget = limit("k:a:usd", 1_000_000, 600_000, kind=CALENDAR, window=MONTH)
+        first = await admit(store, budget)
+        number, reset = month_number(first[4])
+        assert first[0] == 1 and first[5:] == [400_000, reset]
+        assert (await admit(store, budget))[0] == 0
+        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:usd:{number}", -500_000])  # it cost less
+        assert (await admit(store, budget))[0] == 1
+
+    async def test_calendar_day(self, store: Store) -> None:
+        reply = await admit(store, limit("k:a:usd", 10, 3, kind=CALENDAR, window=DAY_MS))
+        assert reply[5] == 7 and reply[6] == DAY_MS - reply[4] % DAY_MS
+
+
+# The Lua's calendar, cut out of ADMIT, run on any instant (ADMIT itself only sees the store's now).
+_LUA_MONTH = ADMIT.lua[ADMIT.lua.index("local DAY") : ADMIT.lua.index("local member")]
+MONTH_OF = Script(
+    "test.month",
+    lua=_LUA_MONTH + "\nlocal n, r = month(tonumber(ARGV[1]))\nreturn {n, r}",
+    local=lambda ops, keys, args: list(month_number(int(args[0]))),
+)
+BOUNDARIES = [
+    (1_709_251_199_999, 2024 * 12 + 1, 1),  # 2024-02-29 23:59:59.999 (a leap year)
+    (1_709_251_200_000, 2024 * 12 + 2, 31 * DAY_MS),  # 2024-03-01
+    (1_740_787_199_000, 2025 * 12 + 1, 1000),  # 2025-02-28 23:59:59 (not a leap year)
+    (1_735_689_599_999, 2024 * 12 + 11, 1),  # 2024-12-31 23:59:59.999
+    (1_735_689_600_000, 2025 * 12, 31 * DAY_MS),  # 2025-01-01
+    (4_107_542_400_000, 2100 * 12 + 2, 31 * DAY_MS),  # 2100-03-01: 2100 is not a leap year
+]
+
+
+@all_stores
+@bounded_tests
+class TestCalendar:
+    async def test_lua_and_python_agree_on_month_boundaries(self, store: Store) -> None:
+        for ms, number, reset in BOUNDARIES:
+            assert month_number(ms) == (number, reset)
+            assert [int(x) for x in await store.run(MONTH_OF, [], [ms])] == [number, reset]

@@ -110,7 +110,9 @@ async def test_credentials_do_not_cross(gw: Any) -> None:
     [
         ("post", "/admin/keys", {"models": ["x"]}, 400),
         ("post", "/admin/keys", {"name": "x", "bogus": 1}, 400),
-        ("post", "/admin/keys", {"name": "x", "budget_usd": -1}, 400),
+        ("post", "/admin/keys", {"name": "x", "limits": {"budget_usd": -1}}, 400),
+        ("post", "/admin/keys", {"name": "x", "model_limits": {"nope": {"rpm": 1}}}, 400),
+        ("post", "/admin/keys", {"name": "x", "model_limits": {"gpt-mini": {"concurrency": 1}}}, 400),
         ("post", "/admin/keys", "not json", 400),
         ("patch", "/admin/keys/key_missing", {"name": "y"}, 404),
         ("patch", "/admin/keys/cfg-team-a", {"name": "y"}, 400),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
 from gateway import build_app, parse
+from gateway.store import StoreError
 from tests.integration.conftest import KEY_A, KEY_B, Client
 from tests.mock_openai import MockOpenAI
 
@@ -16,7 +18,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def gw(config_text: str) -> Any:
     text = config_text.replace(
-        "{name: team-a, key: " + KEY_A + ",", "{name: team-a, key: " + KEY_A + ", limits: {rpm: 3, tpm: 100000},"
+        "{name: team-a, key: " + KEY_A + ",",
+        "{name: team-a, key: " + KEY_A + ", limits: {rpm: 3, tpm: 100000},",
     ).replace("{name: team-b, key: " + KEY_B + ",", "{name: team-b, key: " + KEY_B + ", limits: {tpm: 400},")
     app = build_app(parse(text + "cache: {enabled: true}\n", {}))
     async with app.lifespan(None):  # type: ignore[arg-type]
@@ -66,3 +69,126 @@ async def test_keys_without_limits_get_no_headers(config_text: str) -> None:
     async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
         r = await c.chat()
     assert r.status_code == 200 and not any(h.startswith("x-ratelimit") for h in r.headers)
+
+
+def limited(config_text: str, extra: str = "", key_a: str = "") -> Any:
+    """The integration config with `key_a` added to team-a's entry and `extra` models appended."""
+    text = config_text.replace(
+        "{name: team-a, key: " + KEY_A + ",", "{name: team-a, key: " + KEY_A + ", " + key_a
+    )
+    text = text.replace("models:\n", "models:\n" + extra, 1) if extra else text
+    return build_app(parse(text.replace("models: [gpt-mini,", "models: [quota, gpt-mini,"), {}))
+
+
+QUOTA_MODEL = """\
+  - name: quota
+    price: {input_per_mtok: 1000000, output_per_mtok: 1000000}
+    deployments:
+      - {provider: mock, model: mock-east, limits: {rpm: 2}}
+      - {provider: mock, model: mock-west, limits: {rpm: 1}}
+"""
+
+
+async def test_a_deployment_over_its_quota_is_skipped_then_every_one_full_is_429(
+    config_text: str, mock: MockOpenAI
+) -> None:
+    app = limited(config_text, QUOTA_MODEL)
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        answers = [await c.chat(model="quota") for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert [r.headers.get("x-gateway-deployment") for r in answers[:3]] == [
+        "mock/mock-east",
+        "mock/mock-east",
+        "mock/mock-west",
+    ]
+    error = answers[3].json()["error"]
+    assert error["code"] == "deployment_quota_exceeded" and "`quota`" in error["message"]
+    assert 1 <= int(answers[3].headers["retry-after"]) <= 60
+    assert [r.json()["model"] for r in mock.requests] == ["mock-east", "mock-east", "mock-west"]
+
+
+async def test_failover_pays_the_next_deployments_quota(config_text: str, mock: MockOpenAI) -> None:
+    mock.behave(model="mock-east", status=500)
+    app = limited(config_text, QUOTA_MODEL)
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        first = await c.chat(model="quota")
+        second = await c.chat(model="quota")  # east failed, west's single request is spent
+    assert first.status_code == 200 and first.headers["x-gateway-deployment"] == "mock/mock-west"
+    assert second.status_code == 500 and second.headers["x-gateway-deployment"] == "mock/mock-east"
+
+
+async def test_model_limits_of_a_key_beside_its_own(config_text: str, mock: MockOpenAI) -> None:
+    app = limited(config_text, key_a="limits: {rpm: 100}, model_limits: {gpt-other: {rpm: 1}},")
+    text = config_text  # gpt-other is not among team-a's models in the base config
+    assert "gpt-other" not in text.split("team-a")[1].split("}")[0]
+    async with app.lifespan(None), Client(app, KEY_B) as b, Client(app) as a:  # type: ignore[arg-type]
+        assert (await a.chat()).headers["x-ratelimit-remaining-requests"] == "99"
+        assert (await b.chat(model="gpt-other")).status_code == 200  # team-b: no model limit
+    assert len(mock.requests) == 2
+
+
+async def test_model_limit_refuses_on_that_model_only(config_text: str, mock: MockOpenAI) -> None:
+    app = limited(config_text, key_a="limits: {rpm: 100}, model_limits: {gpt-mini: {rpm: 1}},")
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        ok = await c.chat()
+        refused = await c.chat()
+        other = await c.post("/v1/embeddings", json={"model": "emb", "input": "x"})
+    assert ok.headers["x-ratelimit-limit-requests"] == "1"  # the tighter of the two
+    assert refused.status_code == 429 and "for `gpt-mini`" in refused.json()["error"]["message"]
+    assert other.status_code == 200 and other.headers["x-ratelimit-remaining-requests"] == "98"
+
+
+async def test_budget_reserves_the_estimate_then_charges_the_real_cost(
+    config_text: str, mock: MockOpenAI
+) -> None:
+    # $1 per token: the estimate of a 10-token answer is ~15 USD, its real cost a handful.
+    app = limited(config_text, QUOTA_MODEL, key_a="limits: {budget_usd: 40},")
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        answers = [await c.chat(model="quota", max_tokens=10) for _ in range(3)]
+        too_big = await c.chat(model="quota", max_tokens=1000)
+    assert [r.status_code for r in answers] == [200, 200, 200]  # 3 x 15 > 40: the real costs were settled
+    spent = sum(r.json()["usage"]["total_tokens"] for r in answers)
+    assert spent < 40
+    assert too_big.status_code == 429
+    error = too_big.json()["error"]
+    assert error["type"] == "insufficient_quota" and "Budget of $40" in error["message"]
+
+
+async def test_concurrency_cap_and_release_on_completion_and_disconnect(
+    config_text: str, mock: MockOpenAI
+) -> None:
+    mock.behave(model="mock-gpt-upstream", delay_head=0.3, times=2)
+    app = limited(config_text, key_a="limits: {concurrency: 2},")
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            slow: list[Any] = []
+
+            async def one() -> None:
+                slow.append(await c.chat())
+
+            tg.start_soon(one)
+            tg.start_soon(one)
+            await anyio.sleep(0.15)
+            refused = await c.chat()
+        assert refused.status_code == 429 and "concurrent requests" in refused.json()["error"]["message"]
+        assert [r.status_code for r in slow] == [200, 200]
+        # A client that goes away mid-request gives its slot back.
+        hang = mock.behave(model="mock-gpt-upstream", hang=True, times=1)
+        with anyio.move_on_after(0.3):
+            await c.chat()
+        assert await anyio.to_thread.run_sync(hang.wait_disconnected, 2)
+        assert [(await c.chat()).status_code for _ in range(2)] == [200, 200]
+
+
+async def test_limits_fail_open_on_this_replicas_counts_or_closed(config_text: str, mock: MockOpenAI) -> None:
+    app = limited(config_text, key_a="limits: {rpm: 2},")
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("redis script failed: ConnectionError")
+
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        app.store.run = down
+        assert [(await c.chat()).status_code for _ in range(3)] == [200, 200, 429]
+        app.limiter.outage = "closed"
+        r = await c.chat()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "limits_unavailable"
