@@ -38,11 +38,11 @@ from gateway.limits import (
     SETTLE,
     TOKENS,
     Spec,
+    counter_of,
     estimate,
     lease_member,
     reason,
     specs_of,
-    window_of,
 )
 from gateway.store import Store, StoreError
 
@@ -133,8 +133,7 @@ class Limiter:
         args: list[str | int | bytes] = [admission.member, len(alternatives), free]
         for group, specs in enumerate((required, *(r.quota for r in alternatives))):
             for spec in specs:
-                amount = self._amount(spec, admission)
-                args += [group, spec.kind, spec.name, spec.limit, spec.window_ms, amount]
+                args += spec.args(group, self._amount(spec, admission))
         try:
             reply = await self.store.run(ADMIT, [PREFIX], args)
         except StoreError as exc:
@@ -164,7 +163,7 @@ class Limiter:
         admission = ctx.admission
         args: list[str | int | bytes] = ["", 0, 0]
         for spec in route.quota:
-            args += [0, spec.kind, spec.name, spec.limit, spec.window_ms, self._amount(spec, admission)]
+            args += spec.args(0, self._amount(spec, admission))
         try:
             reply = await self.store.run(ADMIT, [PREFIX], args)
         except StoreError as exc:
@@ -195,7 +194,7 @@ class Limiter:
             else:
                 actual = self.cost(ctx.model, *usage)
             if actual != amount:
-                args += [f"{spec.name}:{window_of(spec.kind, spec.window_ms, now)[0]}", actual - amount]
+                args += [counter_of(spec, now), actual - amount]
         if admission.local:
             self._local.release(admission.member)
             return

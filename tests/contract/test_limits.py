@@ -27,15 +27,24 @@ pytestmark = pytest.mark.anyio
 
 
 def limit(
-    name: str, cap: int, cost: int = 1, *, group: int = 0, kind: bytes = SLIDING, window: int = MINUTE_MS
-):
-    return [group, kind, name, cap, window, cost]
+    name: str,
+    cap: int,
+    cost: int = 1,
+    *,
+    group: int = 0,
+    kind: bytes = SLIDING,
+    window: int = MINUTE_MS,
+    bucket: int | None = None,
+) -> list[Any]:
+    if bucket is None:
+        bucket = window // 20 if kind == SLIDING else 0
+    return [group, kind, name, cap, window, bucket, cost]
 
 
 async def admit(
     store: Store, *limits: list[Any], alternatives: int = 0, free: int = 0, member: str = ""
 ) -> list[int]:
-    args: list[Any] = [member, alternatives, free]
+    args: list[Any] = [member, alternatives, free]  # then 7 fields per limit
     for spec in limits:
         args += spec
     return [int(x) for x in await store.run(ADMIT, [PREFIX], args)]
@@ -61,24 +70,29 @@ class TestAdmission:
         assert first[:4] == [1, 0, 0, 0] and first[4] > 1_700_000_000_000  # the store's clock, ms
         assert [first[5], first[7]] == [9, 20]  # remaining requests, tokens
         second = await admit(store, *both)
-        assert second[0] == 0 and second[1] == 2 and 0 < second[2] <= MINUTE_MS
+        assert second[0] == 0 and second[1] == 2 and 0 < second[2] <= MINUTE_MS + MINUTE_MS // 20
         third = await admit(store, limit("k:a:rpm", 10))
         assert third[5] == 8  # the refused request charged nothing
 
-    async def test_window_slides(self, store: Store) -> None:
-        spec = limit("k:a:rps", 2, window=300)
+    async def test_window_slides_and_never_admits_more_than_the_limit_in_any_window(
+        self, store: Store
+    ) -> None:
+        spec = limit("k:a:rps", 2, window=400)
         assert [(await admit(store, spec))[0] for _ in range(3)] == [1, 1, 0]
-        await anyio.sleep(0.65)  # two windows later nothing is left of them
+        await anyio.sleep(0.25)  # half a window on: still counted (a two-window estimate would free one)
+        refused = await admit(store, spec)
+        assert refused[0] == 0 and 0 < refused[2] <= 400 - 250 + 20
+        await anyio.sleep(refused[2] / 1000 + 0.03)  # the retry-after it gave is enough
         assert (await admit(store, spec))[0] == 1
 
     async def test_settle_corrects_never_below_zero_and_skips_gone_windows(self, store: Store) -> None:
         reply = await admit(store, limit("k:a:tpm", 100, 90))
-        window = reply[4] // MINUTE_MS
-        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{window}", -60])
+        bucket = reply[4] // (MINUTE_MS // 20)
+        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{bucket}", -60])
         assert (await admit(store, limit("k:a:tpm", 100, 0)))[5] == 70
-        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{window}", -500, f"k:a:tpm:{window - 5}", 7])
+        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{bucket}", -500, f"k:a:tpm:{bucket - 5}", 7])
         assert (await admit(store, limit("k:a:tpm", 100, 100)))[0] == 1
-        assert await store.get(f"{PREFIX}:k:a:tpm:{window - 5}") is None  # not created by a correction
+        assert await store.get(f"{PREFIX}:k:a:tpm:{bucket - 5}") is None  # not created by a correction
 
 
 @all_stores
@@ -95,7 +109,7 @@ class TestDeploymentsAndLeases:
         east = limit("d:east:rpm", 1, group=1)
         assert (await admit(store, east, alternatives=1))[:4] == [1, 0, 0, 1]
         refused = await admit(store, limit("k:a:rpm", 10), east, alternatives=1)
-        assert refused[:2] == [0, 2] and 0 < refused[2] <= MINUTE_MS  # index 2: the deployment's limit
+        assert refused[:2] == [0, 2] and 0 < refused[2] <= MINUTE_MS + MINUTE_MS // 20  # index 2: the deployment's limit
         assert refused[5] == 10  # the key was not charged
         spill = await admit(store, limit("k:a:rpm", 10), east, alternatives=1, free=1)
         assert spill[:4] == [1, 0, 0, 0]  # admitted, to the deployment without a quota
