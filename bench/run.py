@@ -36,7 +36,7 @@ import httptools
 import orjson
 import uvloop
 
-from bench import failover, providers
+from bench import failover, providers, redis_stack
 from bench.harness import (
     GATEWAY_CPU,
     HOST,
@@ -287,7 +287,9 @@ async def run_selected(
         await providers.run(args, logs, record, procs)
     if args.failover:
         await failover.run(args, logs, record, procs)
-    if not (args.providers or args.failover):
+    if args.redis:
+        await redis_stack.run(args, logs, record, procs)
+    if not (args.providers or args.failover or args.redis):
         await bench(args, logs, record, procs)
 
 
@@ -339,6 +341,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         default=env("BENCH_FAILOVER", "0") not in ("", "0"),
         help="instead of the suite: one of two deployments down for 10 s under steady load (~1 min)",
+    )
+    ap.add_argument(
+        "--redis",
+        action="store_true",
+        default=env("BENCH_REDIS", "0") not in ("", "0"),
+        help="instead of the suite: the full stack (limits, quota, cache) on a real redis-server",
     )
     args = ap.parse_args()
     if args.quick:
@@ -398,7 +406,7 @@ def main() -> int:
         for t in TARGETS
     }
     # The failover scenario's failed requests are its result, not a fault of the run.
-    failed = sum(record["errors"].values()) + providers.failed(record)
+    failed = sum(record["errors"].values()) + providers.failed(record) + redis_stack.failed(record)
     reasons = [record["aborted"].partition("\n")[0]] if "aborted" in record else []
     if failed:
         reasons.append(f"{failed} failed request(s), see the JSON")
@@ -407,7 +415,8 @@ def main() -> int:
     out = results / f"{stamp}.json"
     out.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
     tables = [render(record)] if record["rounds"] else []
-    tables += [table for table in (providers.render(record), failover.render(record)) if table]
+    extra = (providers.render(record), failover.render(record), redis_stack.render(record))
+    tables += [table for table in extra if table]
     if record["flagged"]:
         tables.append(f"**FLAGGED**: {record['flagged']}")
     print("\n\n".join(tables))
