@@ -312,30 +312,33 @@ return out
 )
 
 
+RELEASE, CORRECT = b"r", b"c"
+
+
 def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
-    if args[1]:
-        lease = f"{keys[0]}:{args[1].decode()}"
-        leases = orjson.loads(ops.get(lease) or b"{}")
-        if leases.pop(args[0].decode(), None) is not None:
-            ttl = ops.ttl(lease)
-            ops.set(lease, orjson.dumps(leases), ttl) if leases and ttl else ops.delete(lease)
-    for i in range(2, len(args), 2):
-        key = f"{keys[0]}:{args[i].decode()}"
-        if ops.get(key) is not None and ops.incr(key, int(args[i + 1])) < 0:
+    for i in range(0, len(args), 3):
+        key = f"{keys[0]}:{args[i + 1].decode()}"
+        if args[i] == RELEASE:
+            leases = orjson.loads(ops.get(key) or b"{}")
+            if leases.pop(args[i + 2].decode(), None) is not None:
+                ttl = ops.ttl(key)
+                ops.set(key, orjson.dumps(leases), ttl) if leases and ttl else ops.delete(key)
+        elif ops.get(key) is not None and ops.incr(key, int(args[i + 2])) < 0:
             ops.set(key, b"0", ops.ttl(key))
     return 1
 
 
-# KEYS[1]: PREFIX. ARGV: lease member, the lease's name ("" for none), then per counter
-# charged on admission: its name with window number, the correction. A counter whose
-# window has expired is left alone; none goes below zero.
+# KEYS[1]: PREFIX. ARGV: triples, of one or many requests: ("r", lease name, request id) releases
+# a lease; ("c", counter name with its bucket or window number, delta) corrects what admission
+# charged. A counter whose window has expired is left alone; none goes below zero.
 SETTLE = Script(
     "gateway.rate_settle",
     lua="""
-if ARGV[2] ~= '' then redis.call('ZREM', KEYS[1] .. ':' .. ARGV[2], ARGV[1]) end
-for i = 3, #ARGV, 2 do
-  local key = KEYS[1] .. ':' .. ARGV[i]
-  if redis.call('EXISTS', key) == 1 and redis.call('INCRBY', key, ARGV[i + 1]) < 0 then
+for i = 1, #ARGV, 3 do
+  local key = KEYS[1] .. ':' .. ARGV[i + 1]
+  if ARGV[i] == 'r' then
+    redis.call('ZREM', key, ARGV[i + 2])
+  elseif redis.call('EXISTS', key) == 1 and redis.call('INCRBY', key, ARGV[i + 2]) < 0 then
     redis.call('SET', key, 0, 'KEEPTTL')
   end
 end

@@ -88,9 +88,9 @@ class TestAdmission:
     async def test_settle_corrects_never_below_zero_and_skips_gone_windows(self, store: Store) -> None:
         reply = await admit(store, limit("k:a:tpm", 100, 90))
         bucket = reply[4] // (MINUTE_MS // 20)
-        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{bucket}", -60])
+        await store.run(SETTLE, [PREFIX], ["c", f"k:a:tpm:{bucket}", -60])
         assert (await admit(store, limit("k:a:tpm", 100, 0)))[5] == 70
-        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:tpm:{bucket}", -500, f"k:a:tpm:{bucket - 5}", 7])
+        await store.run(SETTLE, [PREFIX], ["c", f"k:a:tpm:{bucket}", -500, "c", f"k:a:tpm:{bucket - 5}", 7])
         assert (await admit(store, limit("k:a:tpm", 100, 100)))[0] == 1
         assert await store.get(f"{PREFIX}:k:a:tpm:{bucket - 5}") is None  # not created by a correction
 
@@ -109,7 +109,9 @@ class TestDeploymentsAndLeases:
         east = limit("d:east:rpm", 1, group=1)
         assert (await admit(store, east, alternatives=1))[:4] == [1, 0, 0, 1]
         refused = await admit(store, limit("k:a:rpm", 10), east, alternatives=1)
-        assert refused[:2] == [0, 2] and 0 < refused[2] <= MINUTE_MS + MINUTE_MS // 20  # index 2: the deployment's limit
+        assert (
+            refused[:2] == [0, 2] and 0 < refused[2] <= MINUTE_MS + MINUTE_MS // 20
+        )  # index 2: the deployment's limit
         assert refused[5] == 10  # the key was not charged
         spill = await admit(store, limit("k:a:rpm", 10), east, alternatives=1, free=1)
         assert spill[:4] == [1, 0, 0, 0]  # admitted, to the deployment without a quota
@@ -117,7 +119,7 @@ class TestDeploymentsAndLeases:
     async def test_concurrency_lease_caps_releases_and_expires(self, store: Store) -> None:
         cap = limit("k:a:conc", 2, kind=LEASE, window=400)
         assert [(await admit(store, cap, member=m))[0] for m in ("r1", "r2", "r3")] == [1, 1, 0]
-        await store.run(SETTLE, [PREFIX], ["r1", "k:a:conc"])
+        await store.run(SETTLE, [PREFIX], ["r", "k:a:conc", "r1", "r", "k:a:conc", "unknown"])
         assert (await admit(store, cap, member="r4"))[0] == 1
         await anyio.sleep(0.5)  # r2 and r4 die with their replica: their leases expire
         assert [(await admit(store, cap, member=m))[0] for m in ("r5", "r6", "r7")] == [1, 1, 0]
@@ -128,7 +130,7 @@ class TestDeploymentsAndLeases:
         number, reset = month_number(first[4])
         assert first[0] == 1 and first[5:] == [400_000, reset]
         assert (await admit(store, budget))[0] == 0
-        await store.run(SETTLE, [PREFIX], ["", "", f"k:a:usd:{number}", -500_000])  # it cost less
+        await store.run(SETTLE, [PREFIX], ["c", f"k:a:usd:{number}", -500_000])  # it cost less
         assert (await admit(store, budget))[0] == 1
 
     async def test_calendar_day(self, store: Store) -> None:
