@@ -292,7 +292,9 @@ class Forward:
         await send({"type": "http.response.body", "body": end})
         # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
         ctx.complete = b'"error"' not in last + end
-        self.count(ctx, find_usage(previous + last + end))
+        # A translator's count (it may have kept the usage event from the client), else the stream's own.
+        usage = translator.usage if translator is not None else None
+        self.count(ctx, usage or find_usage(previous + last + end))
 
     def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
         if usage is not None:
