@@ -27,6 +27,7 @@ class RequestContext:
         "responded",
         "started",
         "status",
+        "streamed",
         "tokens",
     )
 
@@ -44,6 +45,7 @@ class RequestContext:
         self.cache = b""  # x-cache: hit, miss or bypass, when the cache is on
         self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. x-ratelimit-*, for every answer
         self.tokens: int | None = None  # the answer's prompt + completion tokens, when it says
+        self.streamed: int | None = None  # stream events relayed to the client; None: not a stream
         self.deployment = ""  # provider/model the request went to, for the access log
 
     def headers(self) -> list[tuple[bytes, bytes]]:

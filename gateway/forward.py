@@ -274,6 +274,7 @@ class Forward:
             self.count(ctx, find_usage(body))
             return
         previous = last = b""
+        events = 0
         try:
             async for chunk in response:
                 if translator is not None:
@@ -281,6 +282,7 @@ class Forward:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                events += chunk.count(b"data:")
                 previous, last = last, chunk
         except UpstreamError as exc:
             # Too late for a status code or another deployment: end the stream with an error event.
@@ -288,6 +290,8 @@ class Forward:
             self.breakers.record(route.id, Outcome.FAILURE)
             await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
             return
+        finally:
+            ctx.streamed = events  # also when the client went away (cancelled) mid-stream
         end = translator.finish() if translator else b""
         await send({"type": "http.response.body", "body": end})
         # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.

@@ -123,12 +123,19 @@ return value
 )
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """Prompt characters / 4 (a fast stand-in for a tokenizer) plus the completion tokens asked for."""
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt characters / 4: a fast stand-in for a tokenizer."""
     prompt = body.get("messages") or body.get("prompt") or body.get("input") or ""
     chars = len(orjson.dumps(prompt)) if not isinstance(prompt, str) else len(prompt)
+    return chars // 4
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """The prompt's estimate plus the completion tokens asked for."""
     completion = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
-    return chars // 4 + (completion if isinstance(completion, int) else DEFAULT_COMPLETION_TOKENS)
+    return estimate_prompt_tokens(body) + (
+        completion if isinstance(completion, int) else DEFAULT_COMPLETION_TOKENS
+    )
 
 
 class Decision:

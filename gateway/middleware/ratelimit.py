@@ -2,8 +2,11 @@
 
 The answer carries OpenAI's x-ratelimit-* headers; a 429 also carries Retry-After
 and names the limit. Token estimates are corrected after the answer has gone
-out: to its real usage, to 0 for an error or a cache hit, and left as charged
-when a stream reported no usage.
+out: to its real usage, to 0 for an error or a cache hit. A stream whose usage is
+unknown (cut short by the upstream or the client before its usage event, or from a
+provider that sends none) is charged the prompt's estimate plus one token per event
+relayed (OpenAI-family streams send about one token per chunk), never more than was
+charged on admission; any other answer without usage keeps its estimate.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 
 from gateway.context import RequestContext
 from gateway.errors import RateLimited
-from gateway.limits import Limiter
+from gateway.limits import Limiter, estimate_prompt_tokens
 from gateway.types import ASGIApp, Receive, Scope, Send
 
 _NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "rpd": "requests per day"}
@@ -47,5 +50,7 @@ class RateLimitMiddleware:
         await self.app(scope, receive, send)
         if decision.estimate:
             actual = ctx.tokens if ctx.status == 200 and ctx.cache != b"hit" else 0
+            if actual is None and ctx.streamed is not None:
+                actual = min(decision.estimate, estimate_prompt_tokens(ctx.body) + ctx.streamed)
             if actual is not None:
                 await self.limiter.reconcile(policy.key_id, decision, actual)
