@@ -31,6 +31,7 @@ class RequestContext:
         "responded",
         "started",
         "status",
+        "streamed",
         "tokens",
         "usage",
     )
@@ -49,6 +50,7 @@ class RequestContext:
         self.cache = b""  # x-cache: hit, miss or bypass, when the cache is on
         self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. x-ratelimit-*, for every answer
         self.tokens: int | None = None  # the answer's prompt + completion tokens, when it says
+        self.streamed: int | None = None  # stream events relayed to the client; None: not a stream
         self.deployment = ""  # provider/model the request went to, for the access log
         self.usage: tuple[int, int] | None = None  # the answer's (prompt, completion) tokens, when it says
         self.plan: list[Route] | None = None  # the deployments to try, once resolved

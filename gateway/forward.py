@@ -293,6 +293,7 @@ class Forward:
             self.count(ctx, find_usage(body))
             return
         previous = last = b""
+        events = 0
         try:
             async for chunk in response:
                 if translator is not None:
@@ -300,6 +301,7 @@ class Forward:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                events += chunk.count(b"data:")
                 previous, last = last, chunk
         except UpstreamError as exc:
             # Too late for a status code or another deployment: end the stream with an error event.
@@ -307,11 +309,15 @@ class Forward:
             self.breakers.record(route.id, Outcome.FAILURE)
             await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
             return
+        finally:
+            ctx.streamed = events  # also when the client went away (cancelled) mid-stream
         end = translator.finish() if translator else b""
         await send({"type": "http.response.body", "body": end})
         # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
         ctx.complete = b'"error"' not in last + end
-        self.count(ctx, find_usage(previous + last + end))
+        # A translator's count (it may have kept the usage event from the client), else the stream's own.
+        usage = translator.usage if translator is not None else None
+        self.count(ctx, usage or find_usage(previous + last + end))
 
     def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
         if usage is not None:

@@ -186,6 +186,10 @@ class Limiter:
         assert admission is not None
         hit = ctx.cache == b"hit"
         usage = ctx.usage if ctx.status == 200 and not hit else (0, 0)
+        capped = usage is None and ctx.streamed is not None
+        if capped:
+            # A stream cut short before its usage: the prompt, and about a token per event relayed.
+            usage = (estimate(ctx.body)[0], ctx.streamed or 0)
         args: list[str | int | bytes] = []
         if admission.lease is not None:
             args += [RELEASE, admission.lease.name, admission.member]
@@ -200,6 +204,8 @@ class Limiter:
                 actual = usage[0] + usage[1]
             else:
                 actual = self.cost(ctx.model, *usage)
+            if capped:
+                actual = min(actual, amount)
             if actual != amount:
                 args += [CORRECT, counter_of(spec, now), actual - amount]
         if admission.local:

@@ -2,10 +2,12 @@
 
 The answer is relayed untouched; its token counts are read with two regex
 searches after the last `"usage"` in the body (or, for a stream, in its last
-chunks), not by parsing it. Counts gather in memory and go to the store once a
-second per replica, off every request's path; a replica that dies loses at most
-that second. A stream whose client did not ask for `include_usage` carries no
-token counts: it is counted as a request with 0 tokens.
+chunks), not by parsing it; a stream translator's own count (see `UsageFilter`
+and the Anthropic and Cohere translators) comes first, so a stream is counted
+whether or not its client asked for `include_usage`. Counts gather in memory and
+go to the store once a second per replica, off every request's path; a replica
+that dies loses at most that second. A stream that reports no usage (cut short,
+or from a provider with `stream_usage` off) is counted as a request with 0 tokens.
 
 Store schema: `gw:{usage:<key id>}:<UTC day>` a hash of `<hour>|<alias>|<field>` -> count,
 fields `requests`, `prompt_tokens`, `completion_tokens`, `cost_nusd` (USD x 1e9), kept 400 days.

@@ -29,6 +29,7 @@ from gateway.providers.base import (
     ProviderConfig,
     StreamTranslator,
     Target,
+    client_asks_usage,
 )
 
 # Advisory for Anthropic: accepted and not sent. `stream_options` is the gateway's own business.
@@ -119,9 +120,7 @@ class AnthropicAdapter(Adapter):
         return translate_message(body, self.name)
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return AnthropicStreamTranslator(self.name, include_usage)
+        return AnthropicStreamTranslator(self.name, client_asks_usage(body))
 
     def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
         return translate_error(status, raw, self.name)

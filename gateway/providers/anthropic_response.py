@@ -154,7 +154,7 @@ class AnthropicStreamTranslator(StreamTranslator):
     content_block_start -> tool_use: the tool call's id and name (arguments "")
     content_block_delta -> text_delta: content; input_json_delta: an argument fragment
     message_delta       -> finish reason and output usage noted
-    message_stop        -> the finish chunk, then the usage chunk if asked for
+    message_stop        -> the finish chunk, then the usage chunk if asked for (`usage` either way)
     error               -> an `error` event the SDKs raise; the stream ends there
     ping, content_block_stop, thinking deltas, unknown events -> nothing
     """
@@ -175,6 +175,7 @@ class AnthropicStreamTranslator(StreamTranslator):
         "text_head",
         "text_tail",
         "tools",
+        "usage",
         "usage_null",
     )
 
@@ -194,6 +195,7 @@ class AnthropicStreamTranslator(StreamTranslator):
         self.tools: dict[Any, int] = {}  # Anthropic content block index -> OpenAI tool_calls index
         self.input = self.cache_creation = self.cache_read = self.completion = 0
         self.reason = "stop"
+        self.usage: tuple[int, int] | None = None
 
     def feed(self, data: bytes) -> bytes:
         if self.state >= _STOPPED:
@@ -340,8 +342,9 @@ class AnthropicStreamTranslator(StreamTranslator):
         self.state = _STOPPED
         done = b',"logprobs":null,"finish_reason":"' + self.reason.encode() + b'"}]'
         out = self.head + b"{}" + done + self.usage_null + b"}\n\n"
+        prompt = self.input + self.cache_creation + self.cache_read
+        self.usage = (prompt, self.completion)
         if self.include_usage:
-            prompt = self.input + self.cache_creation + self.cache_read
             counts = orjson.dumps(usage(prompt, self.cache_read, self.completion))
             out += b"data: " + self.base + b',"choices":[],"usage":' + counts + b"}\n\n"
         return out

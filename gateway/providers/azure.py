@@ -17,8 +17,10 @@ asynchronous filter, annotation events whose choices have no `delta`. Client cod
 written for OpenAI (`chunk.choices[0].delta.content`) breaks on those, and the
 official SDK's own stream helpers skip them by the same test (`object` is not a
 chunk), so `AzureStreamFilter` drops them; it looks for the marker in the bytes and
-never decodes a chunk. Errors, which Azure words in several shapes, are rewritten
-into OpenAI's.
+never decodes a chunk. As for OpenAI, a stream is asked for its usage event (from
+api-version 2024-08-01-preview, which introduced `stream_options`), which the filter
+also drops when the client did not ask for it. Errors, which Azure words in several
+shapes, are rewritten into OpenAI's.
 """
 
 from __future__ import annotations
@@ -32,21 +34,27 @@ import orjson
 
 from gateway.errors import InvalidRequest
 from gateway.providers.base import (
+    USAGE_EVENT,
     Adapter,
     Capability,
+    OpenAIWireConfig,
     Operation,
     ProviderConfig,
     StreamTranslator,
     Target,
+    UsageFilter,
     openai_error,
 )
+from gateway.providers.openai import OpenAIAdapter
 
 # The newest GA data-plane version of the deployment-based API (inference spec "stable/2024-10-21").
 DEFAULT_API_VERSION = "2024-10-21"
 ApiVersion = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$")]
+# The first api-version that accepts `stream_options`; older ones refuse the field.
+STREAM_OPTIONS_VERSION = "2024-08-01-preview"
 
 
-class AzureOpenAIConfig(ProviderConfig, frozen=True, tag="azure_openai"):
+class AzureOpenAIConfig(OpenAIWireConfig, frozen=True, tag="azure_openai"):
     """`base_url` is the resource endpoint, `https://NAME.openai.azure.com`: required, no default.
 
     A deployment's `model` is the Azure deployment name. Deployments that need
@@ -65,12 +73,18 @@ class AzureOpenAIConfig(ProviderConfig, frozen=True, tag="azure_openai"):
                 "without /openai or a deployment path"
             )
 
+    @property
+    def asks_stream_usage(self) -> bool:
+        if self.stream_usage is None:
+            return self.api_version >= STREAM_OPTIONS_VERSION  # ISO dates compare as strings
+        return self.stream_usage
+
 
 # "On Your Data", as the GA API spells it and as the 2023 previews did.
 _REFUSED = ("data_sources", "dataSources")
 
 
-class AzureOpenAIAdapter(Adapter):
+class AzureOpenAIAdapter(OpenAIAdapter):
     config: AzureOpenAIConfig
 
     def __init__(self, name: str, config: ProviderConfig, base_path: str) -> None:
@@ -105,7 +119,7 @@ class AzureOpenAIAdapter(Adapter):
         return super().encode_body(op, body, target)
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
-        return AzureStreamFilter()
+        return AzureStreamFilter(strip_usage=self.adds_usage(op, body))
 
     def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
         return translate_error(self.name, status, raw)
@@ -116,46 +130,26 @@ class AzureOpenAIAdapter(Adapter):
 # Azure writes compact JSON; one regex pass (~0.5 µs on a 0.5 kB event, against ~0.35 µs for
 # the compact needle alone and twice that for two needles) also covers a spaced serialiser.
 _ANNOTATION = re.compile(rb'"object":\s*""')
+_ANNOTATION_OR_USAGE = re.compile(_ANNOTATION.pattern + b"|" + USAGE_EVENT.pattern)
 
 
-class AzureStreamFilter(StreamTranslator):
-    """Relays an Azure stream line by line, less the events whose `object` is empty.
+class AzureStreamFilter(UsageFilter):
+    """Relays an Azure stream line by line, less the events whose `object` is empty (and, when
+    `strip_usage`, the usage event; see `UsageFilter`).
 
     Only complete lines are passed on (a line split across reads waits for its end),
     and a read holding no marker is returned as it came, without copying.
     """
 
-    __slots__ = ("_dropping", "_partial")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._partial = b""
-        self._dropping = False  # inside an event being dropped, until its blank line
+    after_usage = _ANNOTATION
 
-    def feed(self, data: bytes) -> bytes:
-        if self._partial:
-            data = self._partial + data
-        end = data.rfind(b"\n") + 1
-        self._partial = data[end:]
-        lines = data[:end]
-        if self._dropping or _ANNOTATION.search(lines):
-            return self._drop_annotations(lines)
-        return lines
+    def __init__(self, *, strip_usage: bool = False) -> None:
+        super().__init__(_ANNOTATION_OR_USAGE if strip_usage else _ANNOTATION, strip_usage=strip_usage)
 
-    def finish(self) -> bytes:
-        # The upstream's own `data: [DONE]` has been relayed; only an unterminated line is left.
-        rest, self._partial = self._partial, b""
-        return b"" if _ANNOTATION.search(rest) else rest
-
-    def _drop_annotations(self, lines: bytes) -> bytes:
-        kept = []
-        for line in lines.splitlines(keepends=True):
-            if _ANNOTATION.search(line):
-                self._dropping = True
-            elif not self._dropping:
-                kept.append(line)
-            elif not line.strip():
-                self._dropping = False  # the blank line that ended the dropped event
-        return b"".join(kept)
+    def dropped(self, line: bytes) -> bool:
+        return _ANNOTATION.search(line) is not None or super().dropped(line)
 
 
 # -- errors ---------------------------------------------------------------------------------------

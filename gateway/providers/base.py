@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import re
 from typing import Annotated, Any, ClassVar
 
 import msgspec
 import orjson
+
+from gateway.usage import find_usage
 
 
 class Operation(enum.Enum):
@@ -86,11 +89,29 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
         return capability in (self.default_capabilities if self.capabilities is None else self.capabilities)
 
 
+class OpenAIWireConfig(ProviderConfig, frozen=True):
+    """The OpenAI wire format's kinds, which may be asked for a stream's usage (`stream_options`)."""
+
+    # Ask the upstream for the usage event of every stream (the gateway counts it, and hides it
+    # from a client that did not ask). Off for servers that reject `stream_options`.
+    stream_usage: bool | None = None
+
+    default_stream_usage: ClassVar[bool] = False
+
+    @property
+    def asks_stream_usage(self) -> bool:
+        return self.default_stream_usage if self.stream_usage is None else self.stream_usage
+
+
 class StreamTranslator(abc.ABC):
     """Turns one upstream event stream into OpenAI `chat.completion.chunk` SSE events, incrementally.
 
     Never buffers the stream: each `feed` returns what the bytes so far complete.
     """
+
+    # (prompt, completion) tokens once the stream has reported them, whether or not the client
+    # sees them: the gateway's own count.
+    usage: tuple[int, int] | None = None
 
     @abc.abstractmethod
     def feed(self, data: bytes) -> bytes:
@@ -100,6 +121,82 @@ class StreamTranslator(abc.ABC):
     def finish(self) -> bytes:
         """The upstream stream ended: whatever is still owed (a translator's last events and
         `data: [DONE]`, or an error event; a filter's unterminated tail)."""
+
+
+# The usage event that `include_usage` adds is the only event with a usage object (the others say
+# `"usage":null`); JSON escaping keeps `"usage":` out of string contents.
+USAGE_EVENT = re.compile(rb'"usage":\s*\{')
+# It has no choices: OpenAI sends `[]`, some compatible servers null or no field. A content chunk
+# that carries a running usage (servers that always send one) is relayed.
+_NO_CHOICES = re.compile(rb'"choices":\s*(?:\[\s*\]|null)')
+
+
+class UsageFilter(StreamTranslator):
+    """Relays an OpenAI-format stream less the usage event the gateway asked for and the client did
+    not, keeping its counts as `usage`.
+
+    Until that event has gone by, only complete lines are passed on (a line split across reads
+    waits for its end) and each read is searched for the marker, never parsed; a read without it
+    is returned as it came, without copying. After it, reads are relayed as they come.
+    """
+
+    __slots__ = ("_dropping", "_marker", "_partial", "_strip", "usage")
+
+    # What marks the events still to drop once the usage event is out (a subclass's own).
+    after_usage: re.Pattern[bytes] | None = None
+
+    def __init__(self, marker: re.Pattern[bytes] = USAGE_EVENT, *, strip_usage: bool = True) -> None:
+        self._partial = b""
+        self._dropping = False  # inside an event being dropped, until its blank line
+        self._marker: re.Pattern[bytes] | None = marker  # a read without it holds nothing to drop
+        self._strip = strip_usage
+        self.usage: tuple[int, int] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self._partial:
+            data = self._partial + data
+        if self._marker is None and not self._dropping:
+            self._partial = b""
+            return data
+        end = data.rfind(b"\n") + 1
+        self._partial = data[end:]
+        lines = data[:end]
+        if self._dropping or self._marker.search(lines):  # type: ignore[union-attr]
+            return self._drop(lines)
+        return lines
+
+    def finish(self) -> bytes:
+        # The upstream's own `data: [DONE]` has been relayed; only an unterminated line is left.
+        rest, self._partial = self._partial, b""
+        return self._drop(rest) if rest else b""
+
+    def dropped(self, line: bytes) -> bool:
+        """Whether `line` starts an event to drop; the usage event's counts are noted."""
+        if not self._strip or not USAGE_EVENT.search(line):
+            return False
+        if b'"choices"' in line and not _NO_CHOICES.search(line):
+            return False
+        self.usage = find_usage(line)
+        self._strip = False
+        self._marker = self.after_usage
+        return True
+
+    def _drop(self, lines: bytes) -> bytes:
+        kept = []
+        for line in lines.splitlines(keepends=True):
+            if self.dropped(line):
+                self._dropping = True
+            elif not self._dropping:
+                kept.append(line)
+            elif not line.strip():
+                self._dropping = False  # the blank line that ended the dropped event
+        return b"".join(kept)
+
+
+def client_asks_usage(body: dict[str, Any]) -> bool:
+    """Whether the client asked for a stream's usage event (`stream_options.include_usage`)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def openai_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:

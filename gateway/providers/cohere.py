@@ -15,7 +15,15 @@ from typing import Any, ClassVar
 
 from gateway.errors import InvalidRequest, UnsupportedOperation
 from gateway.providers import cohere_response
-from gateway.providers.base import Adapter, Capability, Operation, ProviderConfig, StreamTranslator, Target
+from gateway.providers.base import (
+    Adapter,
+    Capability,
+    Operation,
+    ProviderConfig,
+    StreamTranslator,
+    Target,
+    client_asks_usage,
+)
 
 C = Capability
 
@@ -74,9 +82,7 @@ class CohereAdapter(Adapter):
         return cohere_response.chat_completion(body, answer, self.name)
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return cohere_response.ChatStream(self.name, str(body.get("model")), include_usage)
+        return cohere_response.ChatStream(self.name, str(body.get("model")), client_asks_usage(body))
 
     def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
         return cohere_response.error(status, raw, self.name)

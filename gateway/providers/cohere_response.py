@@ -197,6 +197,7 @@ class ChatStream(StreamTranslator):
         self._tool = -1  # index of the current tool call
         self._ended = False  # message-end seen
         self._failed = False  # an error event has gone out: the rest is ignored
+        self.usage: tuple[int, int] | None = None  # at message-end, whether or not the client sees it
 
     def feed(self, data: bytes) -> bytes:
         if self._failed:
@@ -337,6 +338,8 @@ class ChatStream(StreamTranslator):
         prefix = self._open()
         out = prefix + self._head + b'{},"logprobs":null,"finish_reason":"' + finish.encode() + b'"}]'
         out += b',"usage":null}\n\n' if self.include_usage else b"}\n\n"
+        counts = usage(delta.get("usage"))
+        self.usage = (counts["prompt_tokens"], counts["completion_tokens"])
         if self.include_usage:
             chunk = {
                 "id": self._id,
@@ -344,7 +347,7 @@ class ChatStream(StreamTranslator):
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "usage": usage(delta.get("usage")),
+                "usage": counts,
             }
             out += b"data: " + dumps(chunk) + b"\n\n"
         return out

@@ -121,16 +121,32 @@ def test_chat_stream_with_usage(store_gateway: GatewayProcess, mock_upstream: Mo
     assert mock_upstream.requests[0].json()["stream_options"] == {"include_usage": True}
 
 
-def test_chat_stream_without_usage(store_gateway: GatewayProcess) -> None:
+def test_chat_stream_without_usage_hides_it_and_counts_it(
+    store_gateway: GatewayProcess, mock_upstream: MockOpenAI
+) -> None:
     prompt = unique("stream me")
+    with store_gateway.http(ADMIN_KEY) as admin:
+        made = admin.post("/admin/keys", json={"name": "svc-stream-usage", "models": ["gpt-*"]}).json()
     with (
-        store_gateway.client() as client,
+        store_gateway.client(made["secret"]) as client,
         client.chat.completions.create(model="gpt-mini", messages=user(prompt), stream=True) as stream,
     ):
         chunks = list(stream)
     assert content_of(chunks) == f"echo: {prompt}"
-    assert all(c.choices for c in chunks)
+    assert all(c.choices for c in chunks)  # the usage event the gateway asked for is not relayed
     assert all(c.usage is None for c in chunks)
+    assert mock_upstream.requests[0].json()["stream_options"] == {"include_usage": True}
+
+    # The mock counts words: 3 in the prompt, 4 in its "echo: " answer. Usage is stored once a second.
+    deadline = time.monotonic() + 10
+    with store_gateway.http(ADMIN_KEY) as admin:
+        while True:
+            report = admin.get("/admin/usage", params={"key": made["id"]}).json()["models"]
+            if report or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    usage = report["gpt-mini"]
+    assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 3, 4)
 
 
 def test_completions(store_gateway: GatewayProcess, mock_upstream: MockOpenAI) -> None:

@@ -286,6 +286,21 @@ def test_include_usage() -> None:
     }
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_the_translator_counts_usage_whether_or_not_the_client_sees_it(include_usage: bool) -> None:
+    t = translator(include_usage)
+    t.feed(
+        START
+        + text_block(0, "x")
+        + sse({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 6}})
+    )
+    assert t.usage is None  # known at message_stop only
+    out = t.feed(sse({"type": "message_stop"})) + t.finish()
+
+    assert t.usage == (7, 6)
+    assert (b'"choices":[],"usage"' in out) is include_usage
+
+
 def test_message_delta_cumulative_input_counts_win() -> None:
     out = chunks(run(START + end(input_tokens=40, cache_read_input_tokens=0), include_usage=True))
     assert out[-1]["usage"]["prompt_tokens"] == 41

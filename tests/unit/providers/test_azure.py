@@ -127,11 +127,37 @@ def test_target_keeps_a_base_path_uses_the_configured_version_and_quotes_the_nam
 
 
 def test_body_names_the_deployment_and_is_otherwise_the_clients() -> None:
-    body = {"model": "alias", "messages": [{"role": "user", "content": "hi"}], "stream": True, "user": "u1"}
+    body = {"model": "alias", "messages": [{"role": "user", "content": "hi"}], "user": "u1"}
 
     encoded = adapter().encode_body(Operation.chat, dict(body), Target("gpt-4o-prod"))
 
     assert orjson.loads(encoded) == {**body, "model": "gpt-4o-prod"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "asked"),
+    [
+        ({}, True),  # the default version, 2024-10-21, accepts stream_options
+        ({"api_version": "2024-08-01-preview"}, True),
+        ({"api_version": "2024-06-01"}, False),  # older versions refuse the field
+        ({"api_version": "2024-06-01", "stream_usage": True}, True),
+        ({"stream_usage": False}, False),
+    ],
+)
+def test_a_stream_asks_for_usage_where_the_api_version_accepts_it(
+    fields: dict[str, Any], asked: bool
+) -> None:
+    body = {"model": "alias", "messages": [], "stream": True}
+
+    azure = adapter(**fields)
+    sent = orjson.loads(azure.encode_body(Operation.chat, dict(body), Target("d")))
+    translator = azure.stream_translator(Operation.chat, body)
+
+    assert ("stream_options" in sent) is asked
+    if asked:
+        assert sent["stream_options"] == {"include_usage": True}
+    assert isinstance(translator, AzureStreamFilter)
+    assert translator.feed(USAGE_EVENT) == (b"" if asked else USAGE_EVENT)
 
 
 @pytest.mark.parametrize("param", ["data_sources", "dataSources"])
@@ -230,6 +256,34 @@ def test_filter_finish_returns_an_unterminated_tail_unless_it_is_an_annotation()
 def test_filter_drops_every_line_of_an_annotation_event() -> None:
     event = PROMPT_FILTER.rstrip(b"\n") + b"\nid: 7\n\n"
     assert run([event + chunk("x"), b"data: [DONE]\n\n"]) == chunk("x") + b"data: [DONE]\n\n"
+
+
+USAGE_EVENT = (
+    b'data: {"choices":[],"created":1,"id":"chatcmpl-1","model":"gpt-4o","object":"chat.completion.chunk",'
+    b'"usage":{"completion_tokens":3,"prompt_tokens":8,"total_tokens":11}}\n\n'
+)
+
+
+def test_filter_drops_azures_events_and_the_usage_event_split_anywhere() -> None:
+    nulls = STREAM.replace(
+        b'"object":"chat.completion.chunk"}', b'"object":"chat.completion.chunk","usage":null}'
+    )
+    data = nulls + USAGE_EVENT + b"data: [DONE]\n\n"
+    expected = EXPECTED.replace(
+        b'"object":"chat.completion.chunk"}', b'"object":"chat.completion.chunk","usage":null}'
+    )
+    assert expected != EXPECTED
+    for at in range(len(data) + 1):
+        stream = AzureStreamFilter(strip_usage=True)
+        out = stream.feed(data[:at]) + stream.feed(data[at:]) + stream.finish()
+        assert out == expected, at
+        assert stream.usage == (8, 3)
+
+
+def test_filter_keeps_the_usage_event_when_the_client_asked_for_it() -> None:
+    stream = AzureStreamFilter()
+    assert stream.feed(PROMPT_FILTER + USAGE_EVENT) == USAGE_EVENT
+    assert stream.usage is None
 
 
 def test_filter_keeps_comments_and_other_fields_between_events() -> None:

@@ -544,6 +544,21 @@ def test_include_usage_adds_a_last_usage_chunk() -> None:
     assert parsed[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_the_translator_counts_usage_whether_or_not_the_client_sees_it(include_usage: bool) -> None:
+    translator = adapter().stream_translator(
+        CHAT, {"model": "command-x", "stream": True, "stream_options": {"include_usage": include_usage}}
+    )
+    stream = text_stream("a", "b")
+    head, tail = stream.split(b"event: message-end")
+    translator.feed(head)
+    assert translator.usage is None  # known at message-end only
+    out = translator.feed(b"event: message-end" + tail) + translator.finish()
+
+    assert translator.usage == (5, 3)
+    assert (b'"choices":[],"usage"' in out) is include_usage
+
+
 @pytest.mark.parametrize("split", [1, 2, 7, 64])
 def test_bytes_split_anywhere_give_the_same_stream(split: int) -> None:
     whole = run(TOOL_STREAM, include_usage=True)

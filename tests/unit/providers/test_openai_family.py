@@ -140,7 +140,7 @@ def test_configured_headers_follow_the_credential() -> None:
 def test_key_appears_only_in_the_authorization_header(kind: str) -> None:
     config = FAMILY[kind][0](base_url="https://h.example/v1", api_key=KEY, headers={"X-Team": "search"})
     adapter = build_adapter("p", config, "/v1")
-    body = {"model": "alias", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    body = {"model": "alias", "messages": [{"role": "user", "content": "hi"}]}
 
     sent = [adapter.target(op, Target(f"model-{op.name}")) for op in Operation]
     sent += [adapter.encode_body(op, dict(body), Target("m")) for op in Operation]
