@@ -307,8 +307,12 @@ class Forward:
             # Too late for a status code or another deployment: end the stream with an error event.
             log.warning("upstream %s stream broke: %s", route.id, exc.message)
             self.breakers.record(route.id, Outcome.FAILURE)
+            self.count(ctx, None)  # a request all the same; its tokens are unknown
             await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
             return
+        except asyncio.CancelledError:
+            self.count(ctx, None)  # the client went away mid-stream
+            raise
         finally:
             ctx.streamed = events  # also when the client went away (cancelled) mid-stream
         end = translator.finish() if translator else b""

@@ -199,3 +199,17 @@ async def test_a_stream_without_usage_is_never_charged_more_than_its_estimate(
 
     prompt, _ = estimate({"messages": MESSAGES})
     assert reconciled == [(prompt + 5, prompt + 5)]
+
+
+async def test_a_broken_stream_still_counts_as_a_request(
+    gw: Any, mock: MockOpenAI, counted: list[Any]
+) -> None:
+    mock.behave(model="mock-gpt-upstream", chunks=20, reset_after=3)
+    async with (
+        Client(gw) as c,
+        c.stream(
+            "POST", "/v1/chat/completions", json={"model": "gpt-mini", "messages": MESSAGES, "stream": True}
+        ) as r,
+    ):
+        assert b"event: error" in await r.aread()
+    assert counted == [("gpt-mini", None)]
