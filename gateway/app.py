@@ -174,6 +174,7 @@ class Snapshot:
             self.store,
             self.breakers,
             prices,
+            {m.name: m.completion_estimate for m in config.models},
             lease_s=r.timeouts.total_s + 60,
             outage=config.store.outage.limits,
         )

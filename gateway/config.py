@@ -107,6 +107,7 @@ class ModelConfig(Struct):
     price: Price = Price()
     strategy: Literal["priority", "weighted", "least_inflight", "lowest_latency"] = "priority"
     fallbacks: list[str] = []  # aliases tried, in order, after this one's deployments
+    completion_estimate: PositiveInt = 256  # tokens reserved on admission when a request sets no max_tokens
 
 
 class CacheConfig(Struct):

@@ -33,6 +33,7 @@ from gateway.limits import (
     ADMIT,
     CORRECT,
     COST,
+    DEFAULT_COMPLETION_TOKENS,
     LEASE,
     NANO_USD_PER_MTOK,
     PREFIX,
@@ -83,6 +84,7 @@ class Limiter:
         store: Store,
         breakers: Breakers,
         prices: Mapping[str, tuple[float, float]],
+        completion_estimates: Mapping[str, int],
         *,
         lease_s: float,
         outage: Literal["open", "closed"] = "open",
@@ -90,6 +92,7 @@ class Limiter:
         self.store = store
         self.breakers = breakers
         self.prices = prices  # alias -> USD per million prompt / completion tokens
+        self.completion_estimates = completion_estimates  # alias -> tokens when max_tokens is unset
         self.lease_ms = math.ceil(lease_s * 1000)
         self.outage = outage
         self._local = Local()
@@ -107,7 +110,9 @@ class Limiter:
         return found
 
     def _estimate(self, ctx: RequestContext) -> tuple[int, int]:
-        prompt, completion = estimate(ctx.body)
+        prompt, completion = estimate(
+            ctx.body, self.completion_estimates.get(ctx.model, DEFAULT_COMPLETION_TOKENS)
+        )
         return prompt + completion, self.cost(ctx.model, prompt, completion)
 
     def cost(self, alias: str, prompt: int, completion: int) -> int:

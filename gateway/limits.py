@@ -348,14 +348,14 @@ return 1
 )
 
 
-def estimate(body: Mapping[str, Any]) -> tuple[int, int]:
+def estimate(body: Mapping[str, Any], default: int = DEFAULT_COMPLETION_TOKENS) -> tuple[int, int]:
     """(prompt, completion) tokens: prompt characters / 4, a fast stand-in for a tokenizer, and the
-    completion tokens asked for (or a default)."""
+    completion tokens asked for (or `default`)."""
     prompt = body.get("messages") or body.get("prompt") or body.get("input") or ""
     chars = len(prompt) if isinstance(prompt, str) else len(orjson.dumps(prompt))
     completion = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(completion, int) or completion < 0:
-        completion = DEFAULT_COMPLETION_TOKENS
+        completion = default
     return chars // 4, completion
 
 

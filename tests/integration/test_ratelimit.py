@@ -192,3 +192,18 @@ async def test_limits_fail_open_on_this_replicas_counts_or_closed(config_text: s
         app.limiter.outage = "closed"
         r = await c.chat()
     assert r.status_code == 503 and r.json()["error"]["code"] == "limits_unavailable"
+
+
+async def test_completion_estimate_is_per_model(config_text: str, mock: MockOpenAI) -> None:
+    text = config_text.replace("  - {name: gpt-other,", "  - {name: gpt-other, completion_estimate: 5000,")
+    app = limited(text, key_a="limits: {tpm: 4000},")
+    async with app.lifespan(None), Client(app) as a, Client(app, KEY_B) as b:  # type: ignore[arg-type]
+        ok = await a.chat()  # gpt-mini: 256 reserved
+        assert (await b.chat(model="gpt-other")).status_code == 200  # team-b has no tpm
+    assert ok.status_code == 200 and 4000 - 300 < int(ok.headers["x-ratelimit-remaining-tokens"]) < 4000 - 256
+    app = limited(
+        text.replace("models: [gpt-mini,", "models: [gpt-other, gpt-mini,"), key_a="limits: {tpm: 4000},"
+    )
+    async with app.lifespan(None), Client(app) as a:  # type: ignore[arg-type]
+        refused = await a.chat(model="gpt-other")  # 5000 reserved > 4000
+    assert refused.status_code == 429
