@@ -192,6 +192,17 @@ class Store(ABC):
         An error raised by the script (Lua error reply or Python exception) is a `StoreError`.
         """
 
+    @abstractmethod
+    async def run_get(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str
+    ) -> tuple[Any, bytes | None]:
+        """Run `script` (as `run`) and GET `get_key` in ONE round trip: (script reply, value or None).
+
+        A pipeline, not a transaction: the two may live in different hash slots,
+        so the GET is not atomic with the script (it may see the value before or
+        after the script ran). A script error is a `StoreError`, as in `run`.
+        """
+
     # -- pub/sub -----------------------------------------------------------
 
     @abstractmethod
