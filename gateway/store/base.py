@@ -198,9 +198,9 @@ class Store(ABC):
     ) -> tuple[Any, bytes | None]:
         """Run `script` (as `run`) and GET `get_key` in ONE round trip: (script reply, value or None).
 
-        A pipeline, not a transaction: the two may live in different hash slots,
-        so the GET is not atomic with the script (it may see the value before or
-        after the script ran). A script error is a `StoreError`, as in `run`.
+        A pipeline, not a transaction: the two may live in different hash slots.
+        The GET goes after the script, so it sees the script's writes, but another
+        client may write in between. A script error is a `StoreError`, as in `run`.
         """
 
     # -- pub/sub -----------------------------------------------------------
