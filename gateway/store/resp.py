@@ -111,7 +111,7 @@ class _Connection(asyncio.Protocol):
             self._fail(StoreError(f"redis protocol error: {type(exc).__name__}: {exc}"), retry=False)
 
     def eof_received(self) -> None:
-        return None  # let the transport close: connection_lost follows
+        self.lost = True  # no new calls on it; the transport closes and connection_lost fails the pending
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
@@ -211,8 +211,12 @@ class RespClient:
             return await conn.request(payload, count)
 
     async def _connection(self) -> _Connection:
+        """The live connection, else a new one (another caller may have reconnected meanwhile)."""
         if self._closed:
             raise StoreError("redis client is closed")
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            return conn
         task = self._connecting
         if task is None:
             # One connect shared by every caller that arrives meanwhile; a cancelled

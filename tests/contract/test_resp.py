@@ -149,6 +149,17 @@ async def test_stale_socket_after_a_restart_reconnects(spawn_redis: Callable[[],
         server.start()
         assert await call(lean, "GET", "k") is None  # a new, empty server
         server.stop()
+        server.start()
+        ids: list[object] = []
+
+        async def client_id() -> None:
+            ids.append(await call(lean, "CLIENT", "ID"))
+
+        async with anyio.create_task_group() as tg:  # every call fails on the stale socket and retries
+            for _ in range(50):
+                tg.start_soon(client_id)
+        assert len(ids) == 50 and len(set(ids)) == 1  # all on one new connection
+        server.stop()
         with pytest.raises(StoreError, match="connect failed"):
             await call(lean, "GET", "k")
         server.start()
