@@ -23,6 +23,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 PASSWORD = "s3cr3t-Pa55word"
 
 
+@pytest.fixture(params=[pytest.param({}, id="asyncio"), pytest.param({"use_uvloop": True}, id="uvloop")])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Both event loops: the gateway serves on uvloop, whose transports differ from asyncio's."""
+    return "asyncio", request.param
+
+
 @pytest.fixture
 async def lean(redis_url: str) -> AsyncIterator[RespClient]:
     client = RespClient.from_url(redis_url, timeout_s=2.0)
