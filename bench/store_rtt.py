@@ -1,6 +1,6 @@
 """CPU per store round trip on Redis: redis.asyncio vs the lean RESP client, at concurrency 32.
 
-taskset -c 0 .venv/bin/python -m bench.store_rtt [--url redis://127.0.0.1:6379/0]
+taskset -c 0 .venv/bin/python -m bench.store_rtt [--uvloop] [--url redis://127.0.0.1:6379/0]
 
 Without --url it starts its own redis-server pinned to CPU 1 (no persistence) and
 stops it afterwards. Each variant runs 32 coroutines looping over the same call;
@@ -101,12 +101,17 @@ async def measure(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an existing Redis (default: start one on CPU 1)")
+    parser.add_argument("--uvloop", action="store_true", help="on uvloop, as the gateway serves")
     args = parser.parse_args()
-    if args.url:
-        asyncio.run(measure(args.url))
-    else:
-        with redis_server() as url:
-            asyncio.run(measure(url))
+    loop_factory = None
+    if args.uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(redis_server())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(measure(url))
 
 
 if __name__ == "__main__":
