@@ -1,6 +1,13 @@
-"""The Redis store: shared state for N gateway replicas, over redis.asyncio.
+"""The Redis store: shared state for N gateway replicas.
 
-Commands use one `BlockingConnectionPool`: when every connection is busy a call
+The per-request calls (`run`, `run_get`, `get`, `set`) go through the lean
+pipelining client of gateway/store/resp.py, one socket for all of them: they are
+on every request's path and redis.asyncio's per-command CPU would dominate it.
+That client is used for redis:// and unix:// URLs; over rediss:// (TLS, not
+implemented there) and for a store built around a given client, they use
+redis.asyncio like everything else.
+
+Other commands use one `BlockingConnectionPool`: when every connection is busy a call
 waits (up to `timeout_s`) for one to come back instead of failing, so a burst
 queues rather than erroring. Each connection retries a command once after a
 connection error, which is what lets the store ride out a Redis restart: the
@@ -9,7 +16,8 @@ retried, since a script that timed out may already have run.
 
 Scripts go by EVALSHA. A script is loaded once (at `register` or first use); if
 Redis has lost it since (restart, failover, SCRIPT FLUSH), NOSCRIPT makes the
-store load it again and retry once.
+store load it again and retry once. On the lean client SCRIPT LOAD is pipelined
+with the EVALSHA, so even a first run or a reload is one round trip.
 
 Pub/sub has its own connection, outside the pool so a subscription never takes
 a command slot, read by one background task for all subscriptions. When that
@@ -44,6 +52,7 @@ from gateway.store.base import (
     deliver,
     ttl_ms,
 )
+from gateway.store.resp import ReplyError, RespClient, encode
 
 logger = logging.getLogger("gateway.store")
 
@@ -62,8 +71,16 @@ class RedisStore(Store):
     password) are masked in every error message and log line.
     """
 
-    def __init__(self, client: Redis, *, timeout_s: float = 1.0, secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        timeout_s: float = 1.0,
+        secrets: Sequence[str] = (),
+        lean: RespClient | None = None,
+    ) -> None:
         self._client = client
+        self._lean = lean
         self._timeout_s = timeout_s
         self._secrets = tuple(secret for secret in secrets if secret)
         self._loaded: set[str] = set()
@@ -98,7 +115,8 @@ class RedisStore(Store):
         except ValueError as exc:
             # The driver's message may quote the URL; the cause is dropped for the same reason.
             raise ValueError(_redact(f"invalid redis URL: {exc}", secrets)) from None
-        return cls(Redis.from_pool(pool), timeout_s=timeout_s, secrets=secrets)
+        lean = RespClient.from_url(url, timeout_s=timeout_s)
+        return cls(Redis.from_pool(pool), timeout_s=timeout_s, secrets=secrets, lean=lean)
 
     @property
     def client(self) -> Redis:
@@ -107,6 +125,16 @@ class RedisStore(Store):
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
         return StoreError(_redact(f"redis {action} failed: {type(exc).__name__}: {exc}", self._secrets))
+
+    async def _lean_call(self, lean: RespClient, action: str, args: Sequence[ScriptArg]) -> Any:
+        """One command on the lean client; an error reply or a failure is a `StoreError`."""
+        try:
+            reply = await lean.execute(encode(args))
+        except StoreError as exc:
+            raise self._error(action, exc) from exc
+        if isinstance(reply, ReplyError):
+            raise self._error(action, reply)
+        return reply
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -129,10 +157,14 @@ class RedisStore(Store):
         self._confirmed.clear()
         await self._pubsub_client.aclose()
         await self._client.aclose()
+        if self._lean is not None:
+            await self._lean.aclose()
 
     # -- keys and counters -------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
+        if self._lean is not None:
+            return cast("bytes | None", await self._lean_call(self._lean, "GET", ("GET", key)))
         try:
             value = await self._client.get(key)
         except _DRIVER_ERRORS as exc:
@@ -141,6 +173,13 @@ class RedisStore(Store):
 
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None, nx: bool = False) -> bool:
         check_ttl(ttl_s)
+        if self._lean is not None:
+            command: list[ScriptArg] = ["SET", key, value]
+            if ttl_s is not None:
+                command += ("PX", ttl_ms(ttl_s))
+            if nx:
+                command.append("NX")
+            return await self._lean_call(self._lean, "SET", command) is not None  # OK, or nil under NX
         try:
             reply = await self._client.set(key, value, px=None if ttl_s is None else ttl_ms(ttl_s), nx=nx)
         except _DRIVER_ERRORS as exc:
@@ -217,18 +256,94 @@ class RedisStore(Store):
                 raise self._error(f"SCRIPT LOAD of {script.name}", exc) from exc
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        if self._lean is not None:
+            (reply,) = await self._lean_script(self._lean, script, keys, args, b"", 0)
+            return reply
+        try:
+            return await self._evalsha(script, keys, args)
+        except _DRIVER_ERRORS as exc:
+            raise self._error(f"script {script.name}", exc) from exc
+
+    async def run_get(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str
+    ) -> tuple[Any, bytes | None]:
+        if self._lean is not None:
+            get = encode(("GET", get_key))
+            reply, value = await self._lean_script(self._lean, script, keys, args, get, 1)
+            if isinstance(value, ReplyError):
+                raise self._error("GET", value)
+            return reply, value
         client = self._client
         try:
             if script.sha not in self._loaded:
                 await self._load(script)
-            try:
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                # Redis lost its script cache since we loaded it (restart, failover, SCRIPT FLUSH).
-                await self._load(script)
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            # Not a transaction: the script's keys and get_key may live in different cluster slots.
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.get(get_key)
+                reply, value = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                reply = await self._evalsha(script, keys, args, reload=True)
         except _DRIVER_ERRORS as exc:
-            raise self._error(f"script {script.name}", exc) from exc
+            raise self._error(f"script {script.name} with GET", exc) from exc
+        if isinstance(reply, Exception):
+            raise self._error(f"script {script.name}", reply)
+        if isinstance(value, Exception):
+            raise self._error("GET", value)
+        return reply, value
+
+    async def _evalsha(
+        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], *, reload: bool = False
+    ) -> Any:
+        client = self._client
+        if reload or script.sha not in self._loaded:
+            await self._load(script)
+        try:
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis lost its script cache since we loaded it (restart, failover, SCRIPT FLUSH).
+            await self._load(script)
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _lean_script(
+        self,
+        lean: RespClient,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        extra: bytes,
+        extra_count: int,
+    ) -> list[Any]:
+        """EVALSHA with `extra_count` commands (`extra`) pipelined after it: [script reply, *their replies].
+
+        A script not loaded yet, or lost by Redis (NOSCRIPT), gets SCRIPT LOAD
+        pipelined in front of its EVALSHA. A script's error reply is a `StoreError`.
+        """
+        action = f"script {script.name}"
+        try:
+            evalsha = encode(("EVALSHA", script.sha, len(keys), *keys, *args))
+            if script.sha in self._loaded:
+                replies = await lean.execute(evalsha + extra, 1 + extra_count)
+            else:
+                replies = await self._lean_load(lean, script, evalsha + extra, 1 + extra_count)
+            if not extra_count:
+                replies = [replies]
+            if isinstance(replies[0], ReplyError) and str(replies[0]).startswith("NOSCRIPT"):
+                # Redis lost its script cache since we loaded it (restart, failover, SCRIPT FLUSH).
+                replies[0] = await self._lean_load(lean, script, evalsha, 1)
+        except StoreError as exc:
+            raise self._error(action, exc) from exc
+        if isinstance(replies[0], ReplyError):
+            raise self._error(action, replies[0])
+        return list(replies)
+
+    async def _lean_load(self, lean: RespClient, script: Script, commands: bytes, count: int) -> Any:
+        """SCRIPT LOAD pipelined before `count` commands; their reply (a list when count > 1)."""
+        loaded, *replies = await lean.execute(encode(("SCRIPT", "LOAD", script.lua)) + commands, 1 + count)
+        if isinstance(loaded, ReplyError):
+            raise StoreError(f"SCRIPT LOAD refused: {loaded}")  # e.g. a Lua syntax error
+        self._loaded.add(script.sha)
+        return replies if count > 1 else replies[0]
 
     async def _load(self, script: Script) -> None:
         await self._client.script_load(script.lua)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from gateway.store import MemoryStore, RedisStore, Store, StoreError, store_from_url
+from gateway.store import MemoryStore, RedisStore, Script, Store, StoreError, store_from_url
 
 from . import bounded, eventually, redis_stores
 from .test_store import CAPPED_INCR
@@ -34,6 +34,21 @@ class TestScriptCache:
         assert (await store.run(CAPPED_INCR, ["c"], [5, 10_000]))[:2] == [1, 1]
         await store.client.script_flush()
         assert (await store.run(CAPPED_INCR, ["c"], [5, 10_000]))[:2] == [1, 2]
+
+    async def test_noscript_in_run_get_reloads_and_keeps_the_get(self, store: Store) -> None:
+        assert isinstance(store, RedisStore)
+        await store.set("v", b"value")
+        assert (await store.run_get(CAPPED_INCR, ["c"], [5, 10_000], "v"))[0][:2] == [1, 1]
+        await store.client.script_flush()
+        reply, value = await store.run_get(CAPPED_INCR, ["c"], [5, 10_000], "v")
+        assert (reply[:2], value) == ([1, 2], b"value")
+
+    async def test_lua_syntax_error_is_store_error(self, store: Store) -> None:
+        broken = Script("test.broken", "return {", lambda ops, keys, args: None)
+        with pytest.raises(StoreError):
+            await store.run(broken, [], [])
+        with pytest.raises(StoreError):
+            await store.run_get(broken, [], [], "v")
 
     async def test_register_loads_ahead(self, store: Store) -> None:
         assert isinstance(store, RedisStore)
@@ -89,6 +104,7 @@ async def test_unreachable_redis_fails_fast_without_the_password(free_tcp_port: 
             lambda: store.incr("k"),
             lambda: store.incr("k", ttl_s=1),
             lambda: store.run(CAPPED_INCR, ["c"], [1, 1000]),
+            lambda: store.run_get(CAPPED_INCR, ["c"], [1, 1000], "k"),
             lambda: store.register(CAPPED_INCR),
             lambda: store.publish("events", b"m"),
             lambda: store.subscribe("events", lambda message: None),

@@ -191,6 +191,51 @@ class TestScripts:
 
 
 @all_stores
+class TestRunGet:
+    async def test_script_reply_and_value(self, store: Store) -> None:
+        await store.set("cached", b"\x00answer")
+        reply, value = await store.run_get(CAPPED_INCR, ["c"], [3, 10_000], "cached")
+        assert reply[:2] == [1, 1]
+        assert value == b"\x00answer"
+
+    async def test_missing_value_is_none(self, store: Store) -> None:
+        reply, value = await store.run_get(ECHO, ["k"], ["a"], "missing")
+        assert reply == [[b"k"], [b"a"]]
+        assert value is None
+
+    async def test_get_sees_the_script_write(self, store: Store) -> None:
+        for expected in (b"1", b"2"):
+            reply, value = await store.run_get(CAPPED_INCR, ["c"], [5, 10_000], "c")
+            assert value == expected == str(reply[1]).encode()
+
+    async def test_script_error_is_store_error_and_replies_stay_in_step(self, store: Store) -> None:
+        await store.set("a", b"A")
+        await store.set("b", b"B")
+        with pytest.raises(StoreError, match="boom"):
+            await store.run_get(FAILING, [], [], "a")
+        assert await store.run_get(ECHO, [], ["x"], "b") == ([[], [b"x"]], b"B")
+        assert await store.get("a") == b"A"
+
+    async def test_get_of_a_hash_is_store_error(self, store: Store) -> None:
+        await store.hset("h", "f", b"v")
+        with pytest.raises(StoreError):
+            await store.run_get(ECHO, [], [], "h")
+
+    async def test_concurrent_calls_get_their_own_replies(self, store: Store) -> None:
+        for i in range(200):
+            await store.set(f"v{i}", str(i).encode())
+        results: dict[int, tuple[object, bytes | None]] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await store.run_get(ECHO, [f"k{i}"], [i], f"v{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+        assert results == {i: ([[f"k{i}".encode()], [str(i).encode()]], str(i).encode()) for i in range(200)}
+
+
+@all_stores
 class TestHashes:
     async def test_set_get_all_and_delete(self, store: Store) -> None:
         assert await store.hgetall("h") == {} and await store.hget("h", "a") is None

@@ -1,0 +1,273 @@
+"""A lean RESP2 client for the store's per-request calls: one socket, automatic pipelining.
+
+redis.asyncio costs ~0.15-0.2 ms of CPU per command (pool checkout, command
+packing, response callbacks); the gateway makes one store call per request, so
+that alone would take half its CPU budget. This client does the minimum: a
+command is encoded straight to bytes and written at once on one persistent
+connection (an `asyncio.Protocol`), and `hiredis.Reader` parses replies. Every
+write appends a future to a FIFO and replies resolve them in order, so
+concurrent callers pipeline on the socket without waiting for each other.
+
+Error replies come back as `hiredis.ReplyError` values, not exceptions: the
+caller decides (the store reloads a script on NOSCRIPT). A failure of the
+connection itself is a `StoreError`.
+
+Time bounds: connecting (with AUTH and SELECT) is bounded by `timeout_s`, and so
+is every call. Replies come in order, so the oldest pending call has the earliest
+deadline: one timer watches it instead of one per call. When it is overdue the
+connection is presumed stuck: every pending call fails and the socket is
+dropped, so a late reply can never be taken for the next command's; the next
+call reconnects. A cancelled caller keeps its slot in the FIFO and its reply is
+dropped. Timeouts are never retried (a script may have run).
+
+A lost connection (a Redis restart leaves the socket stale) fails its pending
+calls; a call on it that saw no reply come back after it was written is retried
+once on a fresh connection: the server most likely never read it. That is the
+trade redis-py's retry makes, limited to calls that got nothing back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, parse_url
+
+from gateway.store.base import ScriptArg, StoreError
+
+ReplyError = hiredis.ReplyError
+
+
+class _Lost(StoreError):
+    """The connection broke before a reply came back for this call; safe to retry once."""
+
+
+def encode(args: Sequence[ScriptArg]) -> bytes:
+    """One command in RESP2 (an array of bulk strings); numbers as redis-py sends them (repr)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int | float) and not isinstance(arg, bool):
+            data = repr(arg).encode()
+        else:
+            raise StoreError(f"invalid redis argument of type {type(arg).__name__}")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Connection(asyncio.Protocol):
+    """One socket: a FIFO of (future, replies expected, deadline, replies seen before the write)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._reader = hiredis.Reader()
+        self._pending: deque[tuple[asyncio.Future[Any], int, float, int]] = deque()
+        self._partial: list[Any] = []  # replies so far of the head entry when it expects several
+        self._replies = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+        self.lost = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast("asyncio.Transport", transport)
+
+    def request(self, payload: bytes, count: int) -> asyncio.Future[Any]:
+        """Write `count` encoded commands; the future gets the reply (a list of them when count > 1)."""
+        assert self._transport is not None
+        future = self._loop.create_future()
+        self._pending.append((future, count, self._loop.time() + self._timeout_s, self._replies))
+        self._transport.write(payload)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout_s, self._watch)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self._pending
+        try:
+            while (reply := reader.gets()) is not False:
+                self._replies += 1
+                future, count, _, _ = pending[0]
+                if count > 1:
+                    self._partial.append(reply)
+                    if len(self._partial) < count:
+                        continue
+                    reply, self._partial = self._partial, []
+                pending.popleft()
+                if not future.done():  # a cancelled caller's reply is dropped
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            # A garbled stream, or a reply nobody asked for: nothing after it can be trusted.
+            self._fail(StoreError(f"redis protocol error: {type(exc).__name__}: {exc}"), retry=False)
+
+    def eof_received(self) -> None:
+        self.lost = True  # no new calls on it; the transport closes and connection_lost fails the pending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        self._fail(StoreError(f"redis connection lost{reason}"), retry=True)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _watch(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        deadline = self._pending[0][2]
+        if self._loop.time() >= deadline:
+            self._fail(StoreError(f"redis call timed out after {self._timeout_s}s"), retry=False)
+        else:
+            self._timer = self._loop.call_at(deadline, self._watch)
+
+    def _fail(self, error: StoreError, *, retry: bool) -> None:
+        """Fail every pending call and drop the socket; the next call reconnects."""
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, deque()
+        self._partial = []
+        for future, _, _, replies_before in pending:
+            if not future.done():
+                nothing_back = retry and replies_before == self._replies
+                future.set_exception(_Lost(str(error)) if nothing_back else StoreError(str(error)))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self._fail(StoreError("redis connection closed"), retry=False)
+
+
+class RespClient:
+    """Commands over one lazily opened connection; see the module docstring.
+
+    Messages never hold the URL's password: the client is built from parsed
+    parts and its errors name the failure only.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "localhost",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float = 1.0,
+    ) -> None:
+        self._host, self._port, self._path = host, port, path
+        self._timeout_s = timeout_s
+        handshake: list[list[ScriptArg]] = []
+        if password:
+            handshake.append(["AUTH", username, password] if username else ["AUTH", password])
+        if db:
+            handshake.append(["SELECT", db])
+        self._handshake = b"".join(encode(command) for command in handshake)
+        self._handshake_count = len(handshake)
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 1.0) -> RespClient | None:
+        """A client for a redis:// or unix:// URL; None for rediss:// (TLS is not implemented here)."""
+        parts = parse_url(url)  # the parser the redis.asyncio pool uses: both agree on the URL
+        if parts.get("connection_class") is SSLConnection:
+            return None
+        return cls(
+            host=parts.get("host", "localhost"),
+            port=int(parts.get("port", 6379)),
+            path=parts.get("path"),
+            db=int(parts.get("db", 0)),
+            username=parts.get("username"),
+            password=parts.get("password"),
+            timeout_s=timeout_s,
+        )
+
+    async def execute(self, payload: bytes, count: int = 1) -> Any:
+        """Send `count` commands encoded in `payload`; the reply, or the list of `count` replies.
+
+        Error replies are returned as `ReplyError` values; a broken or stuck
+        connection raises `StoreError`.
+        """
+        conn = self._conn
+        if conn is None or conn.lost:
+            conn = await self._connection()
+        try:
+            return await conn.request(payload, count)
+        except _Lost:
+            conn = await self._connection()
+            return await conn.request(payload, count)
+
+    async def _connection(self) -> _Connection:
+        """The live connection, else a new one (another caller may have reconnected meanwhile)."""
+        if self._closed:
+            raise StoreError("redis client is closed")
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            return conn
+        task = self._connecting
+        if task is None:
+            # One connect shared by every caller that arrives meanwhile; a cancelled
+            # caller does not cancel it for the others (shield).
+            task = self._connecting = asyncio.get_running_loop().create_task(self._open())
+            task.add_done_callback(self._opened)
+        return await asyncio.shield(task)
+
+    def _opened(self, task: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if task.cancelled():
+            return
+        if task.exception() is None:  # also marks a failure retrieved when every caller has gone
+            self._conn = task.result()
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if self._path is not None:
+                    _, conn = await loop.create_unix_connection(
+                        lambda: _Connection(loop, self._timeout_s), self._path
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, self._timeout_s), self._host, self._port
+                    )
+                if self._handshake_count:
+                    replies = await conn.request(self._handshake, self._handshake_count)
+                    for reply in replies if self._handshake_count > 1 else [replies]:
+                        if isinstance(reply, ReplyError):
+                            raise StoreError(f"redis refused the connection setup: {reply}")
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, TimeoutError):
+                raise StoreError(f"redis connect timed out after {self._timeout_s}s") from None
+            if isinstance(exc, OSError):
+                raise StoreError(f"redis connect failed: {type(exc).__name__}: {exc}") from None
+            raise
+        return conn
+
+    async def aclose(self) -> None:
+        """Close the connection (pending calls fail) and wait until the socket is released."""
+        self._closed = True
+        task, self._connecting = self._connecting, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            await conn.closed
