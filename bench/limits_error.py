@@ -17,7 +17,7 @@ import bisect
 import random
 from collections.abc import Callable, Iterator
 
-from gateway.limits import ADMIT, MINUTE_BUCKET_MS, MINUTE_MS, PREFIX, SLIDING
+from gateway.limits import ADMIT, MINUTE_BUCKET_MS, MINUTE_MS, PREFIX, REQUESTS, SLIDING, Spec
 from gateway.store import MemoryStore
 
 Pattern = Callable[[random.Random, float], Iterator[float]]
@@ -55,7 +55,9 @@ LIMIT = 100
 async def admitted_times(arrivals: list[float]) -> list[float]:
     now = [0.0]
     store = MemoryStore(clock=lambda: 1_700_000_000 + now[0])
-    spec = [0, SLIDING, "k:bench:rpm", LIMIT, MINUTE_MS, MINUTE_BUCKET_MS, 1]
+    spec = Spec(SLIDING, "k:bench:rpm", LIMIT, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "bench").args(
+        0, 1
+    )
     admitted = []
     for t in arrivals:
         now[0] = t

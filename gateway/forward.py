@@ -162,10 +162,7 @@ class Forward:
         tried: set[Route] = set()
         admission = ctx.admission
         skip: set[Route] = set(admission.skipped) if admission is not None else set()  # timed out, no quota
-        last: GatewayError | Failed = ServiceUnavailable(
-            f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
-            code="deployments_unavailable",
-        )
+        last: GatewayError | Failed | None = None  # None: no deployment was even tried
         index = 0
         while attempts <= self.retries and time.perf_counter() < deadline:
             route, probe = await self.next_route(plan, index, skip)
@@ -235,8 +232,13 @@ class Forward:
             self.breakers.note_error(route.id, f"HTTP {failed.status}")
         if isinstance(last, Failed):
             await self.send_failed(ctx, last, send, attempts)
-        else:
-            await ctx.send_error(send, last)
+            return
+        if last is None:
+            last = ServiceUnavailable(
+                f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
+                code="deployments_unavailable",
+            )
+        await ctx.send_error(send, last)
 
     async def next_route(self, plan: list[Route], start: int, skip: set[Route]) -> tuple[Route | None, bool]:
         """The next deployment from `start` (wrapping) that the breaker admits, and whether it is a probe."""

@@ -49,12 +49,15 @@ def encode(args: Sequence[ScriptArg]) -> bytes:
     """One command in RESP2 (an array of bulk strings); numbers as redis-py sends them (repr)."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int | float) and not isinstance(arg, bool):
-            data = repr(arg).encode()
+        kind = type(arg)  # exact types first: this runs for every argument of every hot-path call
+        if kind is str:
+            data = arg.encode()  # type: ignore[union-attr]
+        elif kind is bytes:
+            data = arg  # type: ignore[assignment]
+        elif kind is int:
+            data = b"%d" % arg
+        elif isinstance(arg, bytes | str | int | float) and not isinstance(arg, bool):
+            data = arg if isinstance(arg, bytes) else (arg if isinstance(arg, str) else repr(arg)).encode()
         else:
             raise StoreError(f"invalid redis argument of type {type(arg).__name__}")
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))

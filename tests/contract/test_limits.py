@@ -38,13 +38,13 @@ def limit(
 ) -> list[Any]:
     if bucket is None:
         bucket = window // 20 if kind == SLIDING else 0
-    return [group, kind, name, cap, window, bucket, cost]
+    return [group, b"%s|%d|%d|%d|%s" % (kind, cap, window, bucket, name.encode()), cost]
 
 
 async def admit(
     store: Store, *limits: list[Any], alternatives: int = 0, free: int = 0, member: str = ""
 ) -> list[int]:
-    args: list[Any] = [member, alternatives, free]  # then 7 fields per limit
+    args: list[Any] = [member, alternatives, free]  # then 3 fields per limit
     for spec in limits:
         args += spec
     return [int(x) for x in await store.run(ADMIT, [PREFIX], args)]
