@@ -1,0 +1,221 @@
+"""Request coalescing: identical cacheable requests in flight at once, on any replica, make one upstream call.
+
+On a cache miss a request runs `CLAIM` (one round trip): the entry if it has
+landed meanwhile, else the lock `<entry key>:lock` with `SET NX PX lease` (it
+leads), else the lock's value, the leader's flight token (it follows).
+
+The leader answers its own client as usual; what it sends is also appended, by
+a background writer so its client never waits on the store, to the flight's log
+`gw:{cache}:flight:<token>` (a Redis stream): the head (content type), each
+body chunk, then an end mark, `END` for a complete 200 answer, `FAILED` for
+anything else (an error status, a broken stream, a disconnect). While the
+flight lasts the writer renews the lease and the log's expiry every lease/3.
+On `END` it fills the cache entry first and only then releases the lock, so a
+newcomer finds either the entry or the flight.
+
+A follower reads the log from the start and then blocks for new entries, in
+reads of at most lease/2: when one comes back empty it checks the lock still
+holds the token; a lock gone or taken by another flight, with no end mark in
+the log, means the leader died (its lease ran out). A streaming follower of a
+streamed flight relays each chunk as it arrives; every other follower waits for
+the end and answers with the whole (converted to its own mode, gateway/replay.py).
+
+A follower never passes on a failure: if the leader fails before the follower
+has sent anything, it claims again (one follower leads, the rest follow the new
+flight); if it fails after a streaming follower started relaying, that stream
+ends with an error event, as a broken upstream stream does, and the answer is
+not complete. `cache.coalesce_wait_s` bounds a follower's wait for an answer:
+past it (or on a store error) the follower calls upstream on its own. Once a
+streaming follower relays, the leader's lease alone decides, so a long live
+stream is never cut. Errors and partial streams are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from gateway.store import LocalOps, Script, Store, StoreError
+
+log = logging.getLogger("gateway.cache")
+
+# A log entry is one tag byte, then its data.
+HEAD = b"h"  # the answer's content type
+CHUNK = b"c"  # body bytes, as sent to the leader's client
+END = b"e"  # the answer is complete: 200, whole
+FAILED = b"f"  # the answer is not to be passed on
+
+
+def log_key(token: str) -> str:
+    return f"gw:{{cache}}:flight:{token}"
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def _claim_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[bytes]:
+    entry = ops.get(keys[0])
+    if entry is not None:
+        return [b"hit", entry]
+    holder = ops.get(keys[1])
+    if holder is None:
+        ops.set(keys[1], args[0], int(args[1]) / 1000)
+        return [b"lead"]
+    return [b"follow", holder]
+
+
+# KEYS: entry, lock; ARGV: token, lease in ms -> {"hit", entry} | {"lead"} | {"follow", leader's token}
+CLAIM = Script(
+    "gateway.cache.claim",
+    lua="""
+local entry = redis.call('GET', KEYS[1])
+if entry then
+  return {'hit', entry}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'lead'}
+end
+return {'follow', redis.call('GET', KEYS[2])}
+""",
+    local=_claim_local,
+)
+
+
+def _renew_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
+    if ops.get(keys[0]) != args[0]:
+        return 0
+    ops.expire(keys[0], int(args[1]) / 1000)
+    ops.expire(keys[1], int(args[2]) / 1000)
+    return 1
+
+
+# KEYS: lock, log; ARGV: token, lease in ms, log TTL in ms -> 1 while the lock is ours, else 0
+RENEW = Script(
+    "gateway.cache.renew",
+    lua="""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+""",
+    local=_renew_local,
+)
+
+
+def _release_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
+    return int(ops.get(keys[0]) == args[0] and ops.delete(keys[0]))
+
+
+# KEYS: lock; ARGV: token -> 1 when the lock was ours and is gone
+RELEASE = Script(
+    "gateway.cache.release",
+    lua="""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""",
+    local=_release_local,
+)
+
+
+class Flight:
+    """The leader's side: copies its answer to the log, keeps the lease, ends the flight."""
+
+    def __init__(self, store: Store, lock: str, token: str, *, lease_s: float, log_ttl_s: float) -> None:
+        self.store = store
+        self.lock = lock
+        self.token = token
+        self.log = log_key(token)
+        self.lease_s = lease_s
+        self.log_ttl_s = log_ttl_s
+        self._pending: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._fill: Callable[[], Awaitable[None]] | None = None
+
+    def put(self, tag: bytes, data: bytes = b"") -> None:
+        self._pending.append(tag + data)
+        self._wake.set()
+
+    def finish(self, fill: Callable[[], Awaitable[None]] | None) -> None:
+        """End the flight: complete (then `fill` stores the entry before the lock goes) or failed (None)."""
+        self._fill = fill
+        self.put(END if fill is not None else FAILED)
+
+    async def run(self) -> None:
+        """The writer, in the background from the claim to the end mark."""
+        renew_every = self.lease_s / 3
+        renewed = time.monotonic()
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, renewed + renew_every - time.monotonic())):
+                        await self._wake.wait()
+                self._wake.clear()
+                batch, self._pending = self._pending, []
+                if batch:
+                    await self.store.xadd(self.log, *batch, ttl_s=self.log_ttl_s)
+                    if batch[-1][:1] in (END, FAILED):
+                        break
+                if time.monotonic() - renewed >= renew_every:
+                    args = [self.token, math.ceil(self.lease_s * 1000), math.ceil(self.log_ttl_s * 1000)]
+                    await self.store.run(RENEW, [self.lock, self.log], args)
+                    renewed = time.monotonic()
+            if self._fill is not None:
+                await self._fill()
+        except StoreError as exc:
+            # Followers see the lease run out and take over.
+            log.warning("cache: flight %s not relayed: %s", self.token, exc)
+        finally:
+            with contextlib.suppress(StoreError):
+                await self.store.run(RELEASE, [self.lock], [self.token])
+
+
+class FlightLost(Exception):
+    """The leader failed or vanished before its answer was complete."""
+
+
+class Follow:
+    """A follower's side: the flight's log entries (tag, data) as they are appended, up to `END`.
+
+    Raises `FlightLost` when the leader fails, `TimeoutError` past `deadline` (a
+    `time.monotonic()`; set it to `math.inf` to wait as long as the leader lives),
+    `StoreError` when the store does.
+    """
+
+    def __init__(self, store: Store, lock: str, token: str, *, lease_s: float, deadline: float) -> None:
+        self.store = store
+        self.lock = lock
+        self.token = token.encode()
+        self.log = log_key(token)
+        self.poll_s = lease_s / 2
+        self.deadline = deadline
+
+    async def entries(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        after = "0"
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            found = await self.store.xread(self.log, after, block_s=min(remaining, self.poll_s))
+            if not found and await self.store.get(self.lock) != self.token:
+                # The end mark is written before the lock goes: read once more to tell the two apart.
+                found = await self.store.xread(self.log, after)
+                if not found:
+                    raise FlightLost
+            for ident, value in found:
+                after = ident
+                tag, data = value[:1], value[1:]
+                if tag == FAILED:
+                    raise FlightLost
+                if tag == END:
+                    return
+                yield tag, data
