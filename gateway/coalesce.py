@@ -19,6 +19,8 @@ holds the token; a lock gone or taken by another flight, with no end mark in
 the log, means the leader died (its lease ran out). A streaming follower of a
 streamed flight relays each chunk as it arrives; every other follower waits for
 the end and answers with the whole (converted to its own mode, gateway/replay.py).
+A failed leader releases the lock before it writes `FAILED`, so a follower that
+reads the mark and claims again does not find the failed flight.
 
 A follower never passes on a failure: if the leader fails before the follower
 has sent anything, it claims again (one follower leads, the rest follow the new
@@ -140,6 +142,7 @@ class Flight:
         self._pending: list[bytes] = []
         self._wake = asyncio.Event()
         self._fill: Callable[[], Awaitable[None]] | None = None
+        self._released = False
 
     def put(self, tag: bytes, data: bytes = b"") -> None:
         self._pending.append(tag + data)
@@ -162,6 +165,8 @@ class Flight:
                 self._wake.clear()
                 batch, self._pending = self._pending, []
                 if batch:
+                    if batch[-1][:1] == FAILED:
+                        await self._release()  # first, so followers that read the mark can claim anew
                     await self.store.xadd(self.log, *batch, ttl_s=self.log_ttl_s)
                     if batch[-1][:1] in (END, FAILED):
                         break
@@ -176,7 +181,12 @@ class Flight:
             log.warning("cache: flight %s not relayed: %s", self.token, exc)
         finally:
             with contextlib.suppress(StoreError):
-                await self.store.run(RELEASE, [self.lock], [self.token])
+                await self._release()
+
+    async def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            await self.store.run(RELEASE, [self.lock], [self.token])
 
 
 class FlightLost(Exception):

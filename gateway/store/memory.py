@@ -177,7 +177,8 @@ class MemoryStore(Store):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._keys = Keyspace(clock)
         self._channels: dict[str, list[_MemorySubscription]] = {}
-        self._appended: dict[str, asyncio.Event] = {}  # set (and dropped) by the next xadd to the key
+        # Set, and replaced, by every xadd: blocked readers wake and look at their own log again.
+        self._appended = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -298,9 +299,8 @@ class MemoryStore(Store):
         for value in values:
             log.append(keys.time(), value)
         keys.expire(key, ttl_s)
-        appended = self._appended.pop(key, None)
-        if appended is not None:
-            appended.set()
+        appended, self._appended = self._appended, asyncio.Event()
+        appended.set()
 
     async def xread(self, key: str, after: str, *, block_s: float = 0) -> list[tuple[str, bytes]]:
         deadline = time.monotonic() + block_s
@@ -311,9 +311,8 @@ class MemoryStore(Store):
             remaining = deadline - time.monotonic()
             if entries or remaining <= 0:
                 return entries
-            appended = self._appended.setdefault(key, asyncio.Event())
             try:
-                await asyncio.wait_for(appended.wait(), remaining)
+                await asyncio.wait_for(self._appended.wait(), remaining)
             except TimeoutError:
                 return []
 
