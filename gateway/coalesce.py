@@ -171,8 +171,8 @@ class Flight:
                     if batch[-1][:1] in (END, FAILED):
                         break
                 if time.monotonic() - renewed >= renew_every:
-                    args = [self.token, math.ceil(self.lease_s * 1000), math.ceil(self.log_ttl_s * 1000)]
-                    await self.store.run(RENEW, [self.lock, self.log], args)
+                    lease_ms, log_ms = math.ceil(self.lease_s * 1000), math.ceil(self.log_ttl_s * 1000)
+                    await self.store.run(RENEW, [self.lock, self.log], [self.token, lease_ms, log_ms])
                     renewed = time.monotonic()
             if self._fill is not None:
                 await self._fill()

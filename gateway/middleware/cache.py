@@ -257,13 +257,13 @@ class CacheMiddleware:
             nonlocal content_type, shared
             if message["type"] == "http.response.start":
                 content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
-                shared = flight is not None and message["status"] == 200
-                if shared:
+                shared = message["status"] == 200  # an error answer is never passed on
+                if flight is not None and shared:
                     flight.put(HEAD, content_type)
             else:
                 body = message.get("body", b"")
                 captured.append(body)
-                if shared and body:
+                if flight is not None and shared and body:
                     flight.put(CHUNK, body)
             await send(message)
 

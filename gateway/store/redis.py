@@ -369,7 +369,7 @@ class RedisStore(Store):
             raise self._error("XREAD", exc) from exc
         if not reply:
             return []
-        [[_, entries]] = reply
+        [[_, entries]] = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]", reply)
         return [(ident.decode(), fields[b"v"]) for ident, fields in entries]
 
 

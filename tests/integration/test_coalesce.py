@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "tell everyone the same"}]
 async def gateway(config_text: str, **cache: Any) -> AsyncIterator[Any]:
     settings = {"enabled": True, "ttl_s": 60, **cache}
     app = build_app(parse(config_text + f"cache: {json.dumps(settings)}\n", {}))
-    async with app.lifespan(None):  # type: ignore[arg-type]
+    async with app.lifespan(None):
         yield app
 
 

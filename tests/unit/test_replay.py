@@ -123,7 +123,7 @@ def test_legacy_completions_both_ways() -> None:
     for event in events(cut):
         Completion.model_validate(event)
     assert orjson.loads(sse_to_json(cut) or b"") == answer
-    pieces = [
+    pieces: list[dict[str, Any]] = [
         {"object": "text_completion", "choices": [{"text": t, "index": 0, "logprobs": None}]} for t in "ab"
     ]
     pieces[-1]["choices"][0]["finish_reason"] = "length"
