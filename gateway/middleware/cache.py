@@ -30,6 +30,7 @@ Keys, all under the `{cache}` hash tag (one slot, so a script may use several):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -234,7 +235,7 @@ class CacheMiddleware:
                 await self.produce(scope, receive, send, ctx, key, self.cache.lead(key, token))
                 return
             try:
-                if await self.relay(ctx, self.cache.follow(key, token, deadline), send):
+                if await self.follow(ctx, receive, send, self.cache.follow(key, token, deadline)):
                     return
                 break  # the flight's answer does not convert to this request's mode
             except FlightLost:
@@ -277,6 +278,36 @@ class CacheMiddleware:
                 flight.finish(None if entry is None else functools.partial(self.cache.put, key, entry))
             elif entry is not None:
                 self.cache.fill(key, entry)
+
+    async def follow(self, ctx: RequestContext, receive: Receive, send: Send, follow: Follow) -> bool:
+        """`relay`, ended when the client goes away: it would otherwise wait on the flight for nobody."""
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(receive())
+        state = {"active": True, "gone": False}
+
+        def on_message(fut: asyncio.Future[Message]) -> None:
+            if (
+                state["active"]
+                and not fut.cancelled()
+                and fut.exception() is None
+                and fut.result()["type"] == "http.disconnect"
+            ):
+                state["gone"] = True
+                task.cancel()
+
+        watcher.add_done_callback(on_message)
+        try:
+            return await self.relay(ctx, follow, send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()
+            ctx.complete = False
+            return True
+        finally:
+            state["active"] = False
+            watcher.cancel()
 
     async def relay(self, ctx: RequestContext, follow: Follow, send: Send) -> bool:
         """Answer from another request's flight; False when its answer does not convert to this mode.

@@ -16,7 +16,7 @@ import pytest
 from gateway import build_app, parse
 from gateway.coalesce import Flight
 from gateway.types import Message, Receive, Scope, Send
-from tests.integration.conftest import Client
+from tests.integration.conftest import KEY_A, Client
 from tests.mock_openai import MockOpenAI
 
 pytestmark = pytest.mark.anyio
@@ -176,3 +176,38 @@ async def test_no_coalescing_when_off(config_text: str, mock: MockOpenAI) -> Non
     async with gateway(config_text, coalesce=False) as gw:
         answers = await together(gw, 3)
     assert all(r.headers["x-cache"] == "miss" for r in answers) and len(mock.requests) == 3
+
+
+async def test_a_follower_whose_client_leaves_stops_waiting(config_text: str, mock: MockOpenAI) -> None:
+    mock.behave(delay_head=0.8)
+    gone = asyncio.Event()
+    body = orjson.dumps({"model": "gpt-mini", "temperature": 0, "messages": MESSAGES})
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [(b"authorization", f"Bearer {KEY_A}".encode())]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "query_string": b"",
+        "headers": headers,
+    }
+    async with gateway(config_text) as gw, Client(gw) as c:
+        leader = asyncio.ensure_future(c.chat(temperature=0, messages=MESSAGES))
+        await asyncio.to_thread(mock.wait_for_requests, 1, 2.0)
+        follower = asyncio.ensure_future(gw(scope, receive, send))
+        await asyncio.sleep(0.1)
+        gone.set()
+        await asyncio.wait_for(follower, 0.3)  # long before the leader's answer
+        assert sent == [] and not leader.done()
+        assert (await leader).status_code == 200 and len(mock.requests) == 1
