@@ -13,12 +13,14 @@ flight lasts the writer renews the lease and the log's expiry every lease/3.
 On `END` it fills the cache entry first and only then releases the lock, so a
 newcomer finds either the entry or the flight.
 
-A follower reads the log from the start and then blocks for new entries, in
-reads of at most lease/2: when one comes back empty it checks the lock still
-holds the token; a lock gone or taken by another flight, with no end mark in
-the log, means the leader died (its lease ran out). A streaming follower of a
+Followers read the log from the start and then block for new entries, through
+one reader per process and flight (`Tail`), however many requests follow it
+there, in reads of at most lease/2: when one comes back empty it checks the lock
+still holds the token; a lock gone or taken by another flight, with no end mark
+in the log, means the leader died (its lease ran out). A streaming follower of a
 streamed flight relays each chunk as it arrives; every other follower waits for
 the end and answers with the whole (converted to its own mode, gateway/replay.py).
+A follower whose client goes away stops following at once.
 A failed leader releases the lock before it writes `FAILED`, so a follower that
 reads the mark and claims again does not find the failed flight.
 
@@ -193,39 +195,99 @@ class FlightLost(Exception):
     """The leader failed or vanished before its answer was complete."""
 
 
+class Tail:
+    """One reader of a flight's log per process, shared by the process's followers of that flight.
+
+    So a replica makes one blocking read at a time per flight, however many requests follow it.
+    `entries` grows as the log does, up to its end mark; `failure` is set when reading ends without
+    one (the lease ran out, the store failed).
+    """
+
+    def __init__(self, store: Store, lock: str, token: str, *, poll_s: float) -> None:
+        self.store = store
+        self.lock = lock
+        self.token = token
+        self.poll_s = poll_s
+        self.entries: list[tuple[bytes, bytes]] = []
+        self.failure: Exception | None = None
+        self.followers = 0
+        self.changed = asyncio.Event()  # set, and replaced, whenever entries or failure change
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    def _changed(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    async def _read(self) -> None:
+        after = "0"
+        log_name, token = log_key(self.token), self.token.encode()
+        try:
+            while True:
+                found = await self.store.xread(log_name, after, block_s=self.poll_s)
+                if not found and await self.store.get(self.lock) != token:
+                    # The end mark is written before the lock goes: read once more to tell the two apart.
+                    found = await self.store.xread(log_name, after)
+                    if not found:
+                        self.failure = FlightLost(f"flight {self.token}: the leader's lease ran out")
+                        return
+                if not found:
+                    continue
+                after = found[-1][0]
+                self.entries += [(value[:1], value[1:]) for _, value in found]
+                self._changed()
+                if self.entries[-1][0] in (END, FAILED):
+                    return
+        except StoreError as exc:
+            self.failure = exc
+        finally:
+            if self.failure is None and not (self.entries and self.entries[-1][0] in (END, FAILED)):
+                self.failure = FlightLost(f"flight {self.token}: no longer read")  # cancelled, or a bug
+            self._changed()
+
+
 class Follow:
     """A follower's side: the flight's log entries (tag, data) as they are appended, up to `END`.
 
     Raises `FlightLost` when the leader fails, `TimeoutError` past `deadline` (a
     `time.monotonic()`; set it to `math.inf` to wait as long as the leader lives),
-    `StoreError` when the store does.
+    `StoreError` when the store does. `close` when done, so the tail stops with its last follower.
     """
 
-    def __init__(self, store: Store, lock: str, token: str, *, lease_s: float, deadline: float) -> None:
-        self.store = store
-        self.lock = lock
-        self.token = token.encode()
-        self.log = log_key(token)
-        self.poll_s = lease_s / 2
+    def __init__(self, tail: Tail, tails: dict[str, Tail], *, deadline: float) -> None:
+        self.tail = tail
+        self.tails = tails
         self.deadline = deadline
+        tail.followers += 1
+
+    @property
+    def token(self) -> str:
+        return self.tail.token
+
+    def close(self) -> None:
+        tail = self.tail
+        tail.followers -= 1
+        if tail.followers == 0:
+            tail.task.cancel()
+            if self.tails.get(tail.token) is tail:
+                del self.tails[tail.token]
 
     async def entries(self) -> AsyncIterator[tuple[bytes, bytes]]:
-        after = "0"
+        tail = self.tail
+        read = 0
         while True:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            found = await self.store.xread(self.log, after, block_s=min(remaining, self.poll_s))
-            if not found and await self.store.get(self.lock) != self.token:
-                # The end mark is written before the lock goes: read once more to tell the two apart.
-                found = await self.store.xread(self.log, after)
-                if not found:
-                    raise FlightLost
-            for ident, value in found:
-                after = ident
-                tag, data = value[:1], value[1:]
+            for tag, data in tail.entries[read:]:
+                read += 1
                 if tag == FAILED:
-                    raise FlightLost
+                    raise FlightLost(f"flight {tail.token}: the leader failed")
                 if tag == END:
                     return
                 yield tag, data
+            if tail.failure is not None:
+                raise tail.failure
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            changed = tail.changed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await changed.wait()

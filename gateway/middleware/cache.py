@@ -40,7 +40,7 @@ import time
 import msgspec
 import orjson
 
-from gateway.coalesce import CHUNK, CLAIM, HEAD, Flight, FlightLost, Follow, new_token
+from gateway.coalesce import CHUNK, CLAIM, HEAD, Flight, FlightLost, Follow, Tail, new_token
 from gateway.context import RequestContext
 from gateway.errors import UpstreamError
 from gateway.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
@@ -86,6 +86,7 @@ class ResponseCache:
         self.wait_s = wait_s
         self.lease_s = lease_s
         self._gens: dict[str, int] = {}
+        self._tails: dict[str, Tail] = {}  # flight token -> this process's reader of its log
         self._subscription: Subscription | None = None
         self._background = Background()
 
@@ -153,7 +154,10 @@ class ResponseCache:
         return flight
 
     def follow(self, key: str, token: str, deadline: float) -> Follow:
-        return Follow(self.store, key + ":lock", token, lease_s=self.lease_s, deadline=deadline)
+        tail = self._tails.get(token)
+        if tail is None or tail.failure is not None:
+            tail = self._tails[token] = Tail(self.store, key + ":lock", token, poll_s=self.lease_s / 2)
+        return Follow(tail, self._tails, deadline=deadline)
 
     def fill(self, key: str, entry: Entry) -> None:
         self._background.spawn(self.put(key, entry))
@@ -308,6 +312,7 @@ class CacheMiddleware:
         finally:
             state["active"] = False
             watcher.cancel()
+            follow.close()
 
     async def relay(self, ctx: RequestContext, follow: Follow, send: Send) -> bool:
         """Answer from another request's flight; False when its answer does not convert to this mode.
@@ -337,7 +342,7 @@ class CacheMiddleware:
             if not started:
                 raise
             # Too late for a status or a retry: end the stream as a broken upstream stream ends.
-            log.warning("cache: flight %s broke off mid-stream: %r", follow.token.decode(), exc)
+            log.warning("cache: flight %s broke off mid-stream: %r", follow.token, exc)
             error = UpstreamError(
                 "The upstream stream this answer shared with an identical request broke off."
             )

@@ -211,3 +211,24 @@ async def test_a_follower_whose_client_leaves_stops_waiting(config_text: str, mo
         await asyncio.wait_for(follower, 0.3)  # long before the leader's answer
         assert sent == [] and not leader.done()
         assert (await leader).status_code == 200 and len(mock.requests) == 1
+
+
+async def test_followers_in_one_process_share_one_reader(config_text: str, mock: MockOpenAI) -> None:
+    mock.behave(chunks=5, chunk_delay=0.1)
+    async with gateway(config_text) as gw:
+        store = gw.cache.store
+        xread = store.xread
+        reading = [0, 0]  # now, most at once
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            reading[0] += 1
+            reading[1] = max(reading)
+            try:
+                return await xread(*args, **kwargs)
+            finally:
+                reading[0] -= 1
+
+        store.xread = counted
+        answers = await together(gw, 10, stream=True)
+    assert len(mock.requests) == 1 and all(r.content == answers[0].content for r in answers)
+    assert reading[1] == 1
