@@ -20,9 +20,9 @@ still holds the token; a lock gone or taken by another flight, with no end mark
 in the log, means the leader died (its lease ran out). A streaming follower of a
 streamed flight relays each chunk as it arrives; every other follower waits for
 the end and answers with the whole (converted to its own mode, gateway/replay.py).
-A follower whose client goes away stops following at once.
-A failed leader releases the lock before it writes `FAILED`, so a follower that
-reads the mark and claims again does not find the failed flight.
+A follower whose client goes away stops following at once. A failed leader
+releases the lock before it writes `FAILED`, so a follower that reads the mark
+and claims again does not find the failed flight.
 
 A follower never passes on a failure: if the leader fails before the follower
 has sent anything, it claims again (one follower leads, the rest follow the new

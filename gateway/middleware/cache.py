@@ -25,7 +25,8 @@ Keys, all under the `{cache}` hash tag (one slot, so a script may use several):
     gw:{cache}:events                               pub/sub channel: a generation changed
     gw:{cache}:<all>.<key>.<model>:<scope>:<sha256> an entry: msgpack [content type, body], TTL `ttl_s`
     <entry key>:lock                                the flight's leader token, PX `coalesce_lease_s`
-    gw:{cache}:flight:<token>                       stream: the flight's log (gateway/coalesce.py)
+    gw:{cache}:flight:<token>                       stream: the flight's log (gateway/coalesce.py),
+                                                    TTL `coalesce_wait_s + coalesce_lease_s` after a write
 """
 
 from __future__ import annotations
