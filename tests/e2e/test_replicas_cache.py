@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -78,3 +80,32 @@ def test_identical_requests_across_replicas_make_one_upstream_call(
         assert all(first < leader_end - 0.4 for cache, _, first, _ in answers if cache == "hit")
     else:
         assert orjson.loads(answers[0][1])["object"] == "chat.completion"
+
+
+def test_leader_replica_dies_and_a_follower_on_the_other_takes_over(
+    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str
+) -> None:
+    config = default_config(mock_upstream, store_url=redis_url)
+    config["cache"] = {"enabled": True, "ttl_s": 60, "coalesce_lease_s": 1}
+    a, b = gateway_factory(config), gateway_factory(config)
+    mock_upstream.behave(chunks=20, chunk_delay=0.2, times=1)  # the first call: a 4 s stream
+    content = "the leader will not make it"
+    body = {**BODY, "messages": [{"role": "user", "content": content}]}
+
+    def ask(gateway: Any, stream: bool) -> httpx.Response:
+        with gateway.http(api_key=TEAM_A_KEY, timeout=15) as client:
+            return client.post("/v1/chat/completions", json={**body, "stream": stream})
+
+    with ThreadPoolExecutor(5) as pool:
+        leader = pool.submit(ask, a, True)
+        mock_upstream.wait_for_requests(1, 5)
+        followers = [pool.submit(ask, b, False) for _ in range(4)]
+        time.sleep(0.5)
+        a.proc.kill()  # mid-stream: its lease is never renewed nor released
+        answers = [f.result() for f in followers]
+        with contextlib.suppress(httpx.HTTPError):
+            leader.result()
+    assert all(r.status_code == 200 for r in answers)
+    assert {r.json()["choices"][0]["message"]["content"] for r in answers} == {f"echo: {content}"}
+    assert sorted(r.headers["x-cache"] for r in answers) == ["hit"] * 3 + ["miss"]
+    assert len(mock_upstream.requests) == 2
