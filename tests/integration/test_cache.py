@@ -104,11 +104,11 @@ async def test_a_stream_serves_a_json_request_and_back(gw: Any, mock: MockOpenAI
     assert raw.headers["x-cache"] == "miss"
     streamed = [chunk async for chunk in raw.parse()]
     await gw.cache.flush()
-    raw = await client.chat.completions.with_raw_response.create(
+    raw_json = await client.chat.completions.with_raw_response.create(
         model="gpt-mini", messages=messages, temperature=0
     )
-    assert raw.headers["x-cache"] == "hit" and len(mock.requests) == 1
-    answer = raw.parse()
+    assert raw_json.headers["x-cache"] == "hit" and len(mock.requests) == 1
+    answer = raw_json.parse()
     assert answer.object == "chat.completion" and answer.id == streamed[0].id
     assert answer.choices[0].message.content == "".join(
         c.choices[0].delta.content or "" for c in streamed if c.choices
