@@ -143,7 +143,15 @@ class Snapshot:
         self.usage = UsageRecorder(self.store, prices)
         c = config.cache
         self.cache = (
-            ResponseCache(self.store, ttl_s=c.ttl_s, max_entry_bytes=c.max_entry_bytes, shared=c.shared)
+            ResponseCache(
+                self.store,
+                ttl_s=c.ttl_s,
+                max_entry_bytes=c.max_entry_bytes,
+                shared=c.shared,
+                coalesce=c.coalesce,
+                wait_s=c.coalesce_wait_s,
+                lease_s=c.coalesce_lease_s,
+            )
             if c.enabled
             else None
         )

@@ -116,6 +116,9 @@ class CacheConfig(Struct):
     mode: Literal["deterministic", "always"] = "deterministic"  # deterministic: temperature 0 only
     shared: bool = False  # one cache for every key, instead of one per key
     max_entry_bytes: PositiveInt = 1_048_576
+    coalesce: bool = True  # identical requests in flight together make one upstream call
+    coalesce_wait_s: PositiveFloat = 30  # a follower's longest wait for the leader's answer to start
+    coalesce_lease_s: PositiveFloat = 5  # a silent leader is presumed dead after this long
 
 
 class Timeouts(Struct):

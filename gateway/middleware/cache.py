@@ -1,29 +1,50 @@
-"""Exact-match response cache, shared by every replica through the store.
+"""Exact-match response cache, shared by every replica through the store, with request coalescing.
 
 Key: SHA-256 of the canonical request (operation, every field but `user`, `stream`
 and `stream_options`, keys sorted), scoped to the caller's key unless `cache.shared`.
 Cacheable: `temperature` 0, or `cache.mode: always`, or the client's
 `x-gateway-cache: on`; `x-gateway-cache: refresh` (or `Cache-Control: no-cache`)
 skips the lookup and refills, `off` (or `no-store`) neither reads nor writes.
-Only a complete 200 answer is stored, in the mode it was produced in: a stream
-is replayed as the same SSE bytes to a streaming request, and a JSON answer to a
-non-streaming one. Every answer says `x-cache: hit|miss|bypass`.
+Only a complete 200 answer is stored, as it was produced; one entry serves both
+modes: a stored stream replays as the same SSE bytes to a streaming request and
+assembled into one JSON answer to a non-streaming one, a stored JSON answer as
+is or cut into SSE (gateway/replay.py; converted at replay, not at fill). Every
+answer says `x-cache: hit|miss|bypass`: `hit` when no upstream call was made for
+it (a stored entry, or another request's flight it followed).
+
+Identical cacheable requests in flight together share one upstream call
+(gateway/coalesce.py, `cache.coalesce`): one leads, the others follow its answer
+as it is produced. A refresh neither follows nor leads.
 
 Purge without scanning: entry keys carry generation numbers (all, per key, per
 model) held in `gw:{cache}:gen` and copied locally, kept exact by pub/sub; a purge
 bumps one and the entries it covers become unreachable until their TTL ends.
-Entries: `gw:{cache}:<all>.<key>.<model>:<sha256>`.
+
+Keys, all under the `{cache}` hash tag (one slot, so a script may use several):
+    gw:{cache}:gen                                  hash: generation per purge scope
+    gw:{cache}:events                               pub/sub channel: a generation changed
+    gw:{cache}:<all>.<key>.<model>:<scope>:<sha256> an entry: msgpack [content type, body], TTL `ttl_s`
+    <entry key>:lock                                the flight's leader token, PX `coalesce_lease_s`
+    gw:{cache}:flight:<token>                       stream: the flight's log (gateway/coalesce.py),
+                                                    TTL `coalesce_wait_s + coalesce_lease_s` after a write
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
+import math
+import time
 
 import msgspec
 import orjson
 
+from gateway.coalesce import CHUNK, CLAIM, HEAD, Flight, FlightLost, Follow, Tail, new_token
 from gateway.context import RequestContext
+from gateway.errors import UpstreamError
+from gateway.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
 from gateway.store import Store, StoreError, Subscription
 from gateway.tasks import Background
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,12 +68,26 @@ _decode = msgspec.msgpack.Decoder(Entry).decode
 class ResponseCache:
     """The store side: generations, lookup, fill, purge."""
 
-    def __init__(self, store: Store, *, ttl_s: float, max_entry_bytes: int, shared: bool) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl_s: float,
+        max_entry_bytes: int,
+        shared: bool,
+        coalesce: bool = True,
+        wait_s: float = 30,
+        lease_s: float = 5,
+    ) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
         self.shared = shared
+        self.coalesce = coalesce
+        self.wait_s = wait_s
+        self.lease_s = lease_s
         self._gens: dict[str, int] = {}
+        self._tails: dict[str, Tail] = {}  # flight token -> this process's reader of its log
         self._subscription: Subscription | None = None
         self._background = Background()
 
@@ -90,10 +125,9 @@ class ResponseCache:
         canonical = {k: v for k, v in ctx.body.items() if k not in _UNKEYED}
         digest = hashlib.sha256(orjson.dumps([op.value, canonical], option=orjson.OPT_SORT_KEYS)).hexdigest()
         scope = "shared" if self.shared else ctx.policy.key_id
-        streamed = "s" if ctx.body.get("stream") is True else "j"
         g = self._gens
         gens = f"{g.get('all', 0)}.{g.get('key:' + scope, 0)}.{g.get('model:' + ctx.model, 0)}"
-        return f"gw:{{cache}}:{gens}:{scope}:{streamed}:{digest}"
+        return f"gw:{{cache}}:{gens}:{scope}:{digest}"
 
     async def get(self, key: str) -> Entry | None:
         try:
@@ -103,11 +137,35 @@ class ResponseCache:
             return None
         return None if raw is None else _decode(raw)
 
-    def fill(self, key: str, entry: Entry) -> None:
-        if len(entry.body) <= self.max_entry_bytes:
-            self._background.spawn(self._set(key, entry))
+    async def claim(self, key: str) -> tuple[bytes, Entry | None, str]:
+        """After a miss, one round trip: (b"hit", entry, ""), (b"lead", None, our token) or
+        (b"follow", None, the leader's token)."""
+        token = new_token()
+        reply = await self.store.run(CLAIM, [key, key + ":lock"], [token, math.ceil(self.lease_s * 1000)])
+        if reply[0] == b"hit":
+            return b"hit", _decode(reply[1]), ""
+        return reply[0], None, token if reply[0] == b"lead" else reply[1].decode()
 
-    async def _set(self, key: str, entry: Entry) -> None:
+    def lead(self, key: str, token: str) -> Flight:
+        # The log outlives the longest follow, so a late follower still reads it from the start.
+        flight = Flight(
+            self.store, key + ":lock", token, lease_s=self.lease_s, log_ttl_s=self.wait_s + self.lease_s
+        )
+        self._background.spawn(flight.run())
+        return flight
+
+    def follow(self, key: str, token: str, deadline: float) -> Follow:
+        tail = self._tails.get(token)
+        if tail is None or tail.failure is not None:
+            tail = self._tails[token] = Tail(self.store, key + ":lock", token, poll_s=self.lease_s / 2)
+        return Follow(tail, self._tails, deadline=deadline)
+
+    def fill(self, key: str, entry: Entry) -> None:
+        self._background.spawn(self.put(key, entry))
+
+    async def put(self, key: str, entry: Entry) -> None:
+        if len(entry.body) > self.max_entry_bytes:
+            return
         try:
             await self.store.set(key, _encode(entry), ttl_s=self.ttl_s)
         except StoreError as exc:
@@ -152,36 +210,175 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         key = self.cache.key(ctx)
-        if wish != b"refresh":
-            entry = await self.cache.get(key)
-            if entry is not None:
-                await self.replay(ctx, entry, send)
+        if wish == b"refresh":
+            await self.produce(scope, receive, send, ctx, key, None)
+            return
+        entry = await self.cache.get(key)
+        if entry is not None and await self.replay(ctx, entry, send):
+            return
+        if self.cache.coalesce:
+            await self.coalesce(scope, receive, send, ctx, key)
+        else:
+            await self.produce(scope, receive, send, ctx, key, None)
+
+    async def coalesce(
+        self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, key: str
+    ) -> None:
+        """After a miss: lead the flight for `key`, or follow it, claiming again when its leader fails."""
+        deadline = time.monotonic() + self.cache.wait_s
+        while time.monotonic() < deadline:
+            try:
+                outcome, entry, token = await self.cache.claim(key)
+            except StoreError as exc:
+                log.warning("cache: claim failed, calling upstream alone: %s", exc)
+                break
+            if outcome == b"hit":
+                if entry is not None and await self.replay(ctx, entry, send):
+                    return
+                break
+            if outcome == b"lead":
+                await self.produce(scope, receive, send, ctx, key, self.cache.lead(key, token))
                 return
+            try:
+                if await self.follow(ctx, receive, send, self.cache.follow(key, token, deadline)):
+                    return
+                break  # the flight's answer does not convert to this request's mode
+            except FlightLost:
+                continue
+            except (TimeoutError, StoreError) as exc:
+                log.warning("cache: gave up following flight %s, calling upstream alone: %r", token, exc)
+                break
+        await self.produce(scope, receive, send, ctx, key, None)
+
+    async def produce(
+        self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, key: str, flight: Flight | None
+    ) -> None:
+        """Call upstream through the app; store a complete answer, and copy it to `flight`'s followers."""
         ctx.cache = b"miss"
         captured: list[bytes] = []
         content_type = b""
+        shared = False
 
         async def capture(message: Message) -> None:
-            nonlocal content_type
+            nonlocal content_type, shared
             if message["type"] == "http.response.start":
                 content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
+                shared = message["status"] == 200  # an error answer is never passed on
+                if flight is not None and shared:
+                    flight.put(HEAD, content_type)
             else:
-                captured.append(message.get("body", b""))
+                body = message.get("body", b"")
+                captured.append(body)
+                if flight is not None and shared and body:
+                    flight.put(CHUNK, body)
             await send(message)
 
-        await self.app(scope, receive, capture)
-        if ctx.status == 200 and ctx.complete:
-            self.cache.fill(key, Entry(content_type, b"".join(captured)))
+        entry = None
+        try:
+            await self.app(scope, receive, capture)
+            if ctx.status == 200 and ctx.complete:
+                entry = Entry(content_type, b"".join(captured))
+        finally:
+            if flight is not None:
+                flight.finish(None if entry is None else functools.partial(self.cache.put, key, entry))
+            elif entry is not None:
+                self.cache.fill(key, entry)
 
-    async def replay(self, ctx: RequestContext, entry: Entry, send: Send) -> None:
+    async def follow(self, ctx: RequestContext, receive: Receive, send: Send, follow: Follow) -> bool:
+        """`relay`, ended when the client goes away: it would otherwise wait on the flight for nobody."""
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(receive())
+        state = {"active": True, "gone": False}
+
+        def on_message(fut: asyncio.Future[Message]) -> None:
+            if (
+                state["active"]
+                and not fut.cancelled()
+                and fut.exception() is None
+                and fut.result()["type"] == "http.disconnect"
+            ):
+                state["gone"] = True
+                task.cancel()
+
+        watcher.add_done_callback(on_message)
+        try:
+            return await self.relay(ctx, follow, send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()
+            ctx.complete = False
+            return True
+        finally:
+            state["active"] = False
+            watcher.cancel()
+            follow.close()
+
+    async def relay(self, ctx: RequestContext, follow: Follow, send: Send) -> bool:
+        """Answer from another request's flight; False when its answer does not convert to this mode.
+
+        A streaming request relays a streamed flight chunk by chunk as the leader sends it; any
+        other waits for the end. Raises what `Follow` raises when nothing has been sent yet.
+        """
+        streaming = ctx.body.get("stream") is True
+        content_type = b""
+        parts: list[bytes] = []
+        started = False
+        try:
+            async for tag, data in follow.entries():
+                if tag == HEAD:
+                    content_type = data
+                elif streaming and is_sse(content_type):
+                    if not started:
+                        started = True
+                        follow.deadline = math.inf  # a live stream is never cut: the leader's lease decides
+                        await self.start(
+                            ctx, send, [(b"content-type", content_type), (b"cache-control", b"no-cache")]
+                        )
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                else:
+                    parts.append(data)
+        except (FlightLost, TimeoutError, StoreError) as exc:
+            if not started:
+                raise
+            # Too late for a status or a retry: end the stream as a broken upstream stream ends.
+            log.warning("cache: flight %s broke off mid-stream: %r", follow.token, exc)
+            error = UpstreamError(
+                "The upstream stream this answer shared with an identical request broke off."
+            )
+            await send(
+                {"type": "http.response.body", "body": b"event: error\ndata: " + error.body() + b"\n\n"}
+            )
+            ctx.complete = False
+            return True
+        if started:
+            await send({"type": "http.response.body", "body": b""})
+            ctx.complete = True
+            return True
+        return await self.replay(ctx, Entry(content_type, b"".join(parts)), send)
+
+    async def replay(self, ctx: RequestContext, entry: Entry, send: Send) -> bool:
+        """Answer with `entry` in this request's mode; False (nothing sent) when it does not convert."""
+        content_type, body = entry.content_type, entry.body
+        streaming = ctx.body.get("stream") is True
+        if is_sse(content_type) != streaming:
+            if streaming:
+                include_usage = (ctx.body.get("stream_options") or {}).get("include_usage") is True
+                content_type, converted = SSE_CONTENT_TYPE, json_to_sse(body, include_usage=include_usage)
+            else:
+                content_type, converted = JSON_CONTENT_TYPE, sse_to_json(body)
+            if converted is None:
+                return False
+            body = converted
+        await self.start(ctx, send, [(b"content-type", content_type), (b"content-length", b"%d" % len(body))])
+        await send({"type": "http.response.body", "body": body})
+        ctx.complete = True
+        return True
+
+    async def start(self, ctx: RequestContext, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        """The head of an answer no upstream call was made for."""
         ctx.cache = b"hit"
         ctx.status = 200
         ctx.responded = True
-        ctx.complete = True
-        headers = [
-            (b"content-type", entry.content_type),
-            (b"content-length", b"%d" % len(entry.body)),
-            *ctx.headers(),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": entry.body})
+        await send({"type": "http.response.start", "status": 200, "headers": [*headers, *ctx.headers()]})

@@ -221,6 +221,24 @@ class Store(ABC):
         raises is logged and keeps its subscription.
         """
 
+    # -- logs (Redis streams) ----------------------------------------------
+
+    @abstractmethod
+    async def xadd(self, key: str, *values: bytes, ttl_s: float) -> None:
+        """Append `values`, in order, to the log at `key` (created when missing), in one round trip.
+
+        The log expires `ttl_s` after this write. Entries get increasing ids (Redis stream ids).
+        """
+
+    @abstractmethod
+    async def xread(self, key: str, after: str, *, block_s: float = 0) -> list[tuple[str, bytes]]:
+        """The entries of the log at `key` with ids after `after` ("0": from the start), oldest first.
+
+        Each is (id, value); pass the last id as `after` to read on. When there are none,
+        waits up to `block_s` seconds (> 0) for an append, else answers at once; [] when
+        nothing came or the log does not exist.
+        """
+
 
 def deliver(handler: Callable[[bytes], None], channel: str | bytes, message: bytes) -> None:
     """Call a subscriber; its exception is logged and must not stop delivery to the others."""

@@ -13,6 +13,7 @@ background thread, and no single call pays for a mass expiry.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import time
 from collections.abc import Callable, Sequence
@@ -38,12 +39,35 @@ _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 
+class Log:
+    """A Redis stream, reduced to what the gateway uses: ids ("<ms>-<seq>") and one value each."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[tuple[int, int], bytes]] = []
+
+    def append(self, now_s: float, value: bytes) -> None:
+        ms = int(now_s * 1000)
+        if self.entries and self.entries[-1][0][0] >= ms:
+            last = self.entries[-1][0]
+            ident = (last[0], last[1] + 1)  # as Redis: ids grow even when the clock does not
+        else:
+            ident = (ms, 0)
+        self.entries.append((ident, value))
+
+    def after(self, after: str) -> list[tuple[str, bytes]]:
+        ms, _, seq = after.partition("-")
+        start = bisect.bisect_right(self.entries, (int(ms), int(seq or 0)), key=lambda entry: entry[0])
+        return [(f"{i[0]}-{i[1]}", value) for i, value in self.entries[start:]]
+
+
 class Keyspace:
     """The memory store's keys, values and deadlines; implements `LocalOps` for scripts."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._values: dict[str, bytes | dict[str, bytes]] = {}  # a dict is a Redis hash
+        self._values: dict[str, bytes | dict[str, bytes] | Log] = {}  # a dict is a Redis hash
         self._deadlines: dict[str, float] = {}
         # (deadline, key) entries; one goes stale when its key's deadline changes
         # and is skipped when popped. Rebuilt when stale entries dominate.
@@ -55,7 +79,7 @@ class Keyspace:
     def time(self) -> float:
         return self._clock()
 
-    def _live(self, key: str) -> bytes | dict[str, bytes] | None:
+    def _live(self, key: str) -> bytes | dict[str, bytes] | Log | None:
         deadline = self._deadlines.get(key)
         if deadline is not None and deadline <= self._clock():
             self._drop(key)
@@ -64,7 +88,7 @@ class Keyspace:
 
     def get(self, key: str) -> bytes | None:
         value = self._live(key)
-        if isinstance(value, dict):
+        if value is not None and not isinstance(value, bytes):
             raise StoreError(_WRONGTYPE)
         return value
 
@@ -74,6 +98,15 @@ class Keyspace:
         if value is None and create:
             value = self._values[key] = {}
         elif value is not None and not isinstance(value, dict):
+            raise StoreError(_WRONGTYPE)
+        return value
+
+    def log(self, key: str, *, create: bool = False) -> Log | None:
+        """The log at `key` (made empty when missing and `create`); another kind of value is WRONGTYPE."""
+        value = self._live(key)
+        if value is None and create:
+            value = self._values[key] = Log()
+        elif value is not None and not isinstance(value, Log):
             raise StoreError(_WRONGTYPE)
         return value
 
@@ -144,6 +177,8 @@ class MemoryStore(Store):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._keys = Keyspace(clock)
         self._channels: dict[str, list[_MemorySubscription]] = {}
+        # Set, and replaced, by every xadd: blocked readers wake and look at their own log again.
+        self._appended = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -259,6 +294,34 @@ class MemoryStore(Store):
         subscription = _MemorySubscription(self._channels, channel, handler)
         self._channels.setdefault(channel, []).append(subscription)
         return subscription
+
+    # -- logs (Redis streams) ----------------------------------------------
+
+    async def xadd(self, key: str, *values: bytes, ttl_s: float) -> None:
+        check_ttl(ttl_s)
+        keys = self._keys
+        keys.sweep()
+        log = keys.log(key, create=True)
+        assert log is not None
+        for value in values:
+            log.append(keys.time(), value)
+        keys.expire(key, ttl_s)
+        appended, self._appended = self._appended, asyncio.Event()
+        appended.set()
+
+    async def xread(self, key: str, after: str, *, block_s: float = 0) -> list[tuple[str, bytes]]:
+        deadline = time.monotonic() + block_s
+        while True:
+            self._keys.sweep()
+            log = self._keys.log(key)
+            entries = [] if log is None else log.after(after)
+            remaining = deadline - time.monotonic()
+            if entries or remaining <= 0:
+                return entries
+            try:
+                await asyncio.wait_for(self._appended.wait(), remaining)
+            except TimeoutError:
+                return []
 
 
 class _MemorySubscription(Subscription):

@@ -23,6 +23,10 @@ Pub/sub has its own connection, outside the pool so a subscription never takes
 a command slot, read by one background task for all subscriptions. When that
 connection breaks, the task reconnects with a growing backoff and subscribes
 every channel again.
+
+Blocking log reads (XREAD BLOCK) use a pool of their own too, without a read
+timeout: a reader parked on a log would otherwise hold a command slot (and trip
+the command timeout); the wait is bounded by the caller's `block_s` instead.
 """
 
 from __future__ import annotations
@@ -93,6 +97,15 @@ class RedisStore(Store):
                 **{**pool.connection_kwargs, "socket_timeout": None},
             )
         )
+        # Blocking reads: as many connections as the command pool, waiting up to timeout_s for one.
+        self._blocking_client = Redis.from_pool(
+            BlockingConnectionPool(
+                connection_class=pool.connection_class,
+                max_connections=pool.max_connections,
+                timeout=timeout_s,
+                **{**pool.connection_kwargs, "socket_timeout": None},
+            )
+        )
         self._handlers: dict[bytes, list[_RedisSubscription]] = {}
         self._confirmed: dict[bytes, asyncio.Event] = {}
         self._live: PubSub | None = None
@@ -156,6 +169,7 @@ class RedisStore(Store):
         self._handlers.clear()
         self._confirmed.clear()
         await self._pubsub_client.aclose()
+        await self._blocking_client.aclose()
         await self._client.aclose()
         if self._lean is not None:
             await self._lean.aclose()
@@ -444,6 +458,34 @@ class RedisStore(Store):
         for subscription in tuple(self._handlers.get(channel, ())):
             if subscription.active:
                 deliver(subscription.handler, channel, data)
+
+    # -- logs (Redis streams) ----------------------------------------------
+
+    async def xadd(self, key: str, *values: bytes, ttl_s: float) -> None:
+        check_ttl(ttl_s)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for value in values:
+                    pipe.xadd(key, {b"v": value})
+                pipe.pexpire(key, ttl_ms(ttl_s))
+                await pipe.execute()
+        except _DRIVER_ERRORS as exc:
+            raise self._error("XADD", exc) from exc
+
+    async def xread(self, key: str, after: str, *, block_s: float = 0) -> list[tuple[str, bytes]]:
+        try:
+            if block_s > 0:
+                # The connection has no read timeout: bound the wait here (BLOCK plus a round trip).
+                async with asyncio.timeout(block_s + self._timeout_s):
+                    reply = await self._blocking_client.xread({key: after}, block=ttl_ms(block_s))
+            else:
+                reply = await self._client.xread({key: after})
+        except (*_DRIVER_ERRORS, TimeoutError) as exc:
+            raise self._error("XREAD", exc) from exc
+        if not reply:
+            return []
+        [[_, entries]] = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]", reply)
+        return [(ident.decode(), fields[b"v"]) for ident, fields in entries]
 
 
 class _RedisSubscription(Subscription):

@@ -63,13 +63,17 @@ async def test_concurrent_calls_pipeline_on_one_connection_in_order(lean: RespCl
         results.append((i, *reply))
 
     with redis.Redis.from_url(redis_url) as admin:
-        admin.client_pause(200)
-    async with anyio.create_task_group() as tg:
-        for i in range(200):
-            tg.start_soon(one, i)
-        await anyio.sleep(0.05)
-        # All written while the server is paused: 200 calls in flight on the socket, none waiting for another.
-        assert lean._conn is not None and len(lean._conn._pending) == 200
+        admin.client_pause(5000, all=False)  # writes only, so UNPAUSE below is not itself paused
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+            for _ in range(200):
+                if lean._conn is not None and len(lean._conn._pending) == 200:
+                    break
+                await anyio.sleep(0.01)
+            # All written while the server is paused: 200 calls in flight on the socket, none waiting.
+            assert lean._conn is not None and len(lean._conn._pending) == 200 and not results
+            admin.client_unpause()
     # Answered in the order written, all on one connection.
     assert [count for _, count, _ in sorted(results)] == list(range(1, 201))
     assert len({client_id for _, _, client_id in results}) == 1

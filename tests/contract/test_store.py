@@ -337,6 +337,71 @@ class TestPubSub:
         assert "handler bug" in caplog.text
 
 
+@all_stores
+class TestLogs:
+    async def test_read_from_the_start_and_on(self, store: Store) -> None:
+        assert await store.xread("log", "0") == []
+        await store.xadd("log", b"one", b"\x00two", ttl_s=10)
+        first = await store.xread("log", "0")
+        assert [value for _, value in first] == [b"one", b"\x00two"]
+        assert first[0][0] != first[1][0]
+        await store.xadd("log", b"three", ttl_s=10)
+        assert [value for _, value in await store.xread("log", first[-1][0])] == [b"three"]
+        assert [value for _, value in await store.xread("log", first[0][0])] == [b"\x00two", b"three"]
+
+    async def test_blocking_read_wakes_on_append(self, store: Store) -> None:
+        got: list[list[tuple[str, bytes]]] = []
+
+        async def reader() -> None:
+            got.append(await store.xread("log", "0", block_s=5))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await anyio.sleep(0.1)
+            assert got == []
+            await store.xadd("log", b"late", ttl_s=10)
+        assert [value for _, value in got[0]] == [b"late"]
+
+    async def test_blocking_read_gives_up_after_block_s(self, store: Store) -> None:
+        started = anyio.current_time()
+        assert await store.xread("log", "0", block_s=0.2) == []
+        assert 0.15 <= anyio.current_time() - started < 2
+
+    async def test_many_blocked_readers_leave_commands_free(self, store: Store) -> None:
+        got: list[int] = []
+
+        async def reader() -> None:
+            got.append(len(await store.xread("log", "0", block_s=5)))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(60):  # more than the command pool holds
+                tg.start_soon(reader)
+            await anyio.sleep(0.2)
+            with anyio.fail_after(1):
+                await store.set("k", b"v")
+            await store.xadd("log", b"go", ttl_s=10)
+        assert got == [1] * 60
+
+    async def test_log_expires_after_its_last_write(self, store: Store) -> None:
+        await store.xadd("log", b"a", ttl_s=0.3)
+        await anyio.sleep(0.2)
+        await store.xadd("log", b"b", ttl_s=0.3)
+        await anyio.sleep(0.2)
+        assert len(await store.xread("log", "0")) == 2
+        await anyio.sleep(0.2)
+        assert await store.xread("log", "0") == []
+        with pytest.raises(ValueError):
+            await store.xadd("log", b"c", ttl_s=0)
+
+    async def test_wrong_type_is_store_error(self, store: Store) -> None:
+        await store.set("s", b"x")
+        with pytest.raises(StoreError):
+            await store.xadd("s", b"v", ttl_s=1)
+        await store.xadd("log", b"v", ttl_s=10)
+        with pytest.raises(StoreError):
+            await store.get("log")
+
+
 @bounded_tests
 class TestMemoryStore:
     """Memory-only behaviour, on a clock the test moves."""

@@ -1,10 +1,14 @@
-"""Two real gateway processes on one real redis-server share the response cache."""
+"""Two real gateway processes on one real redis-server share the response cache and its flights."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 
 from tests.e2e.conftest import ADMIN_KEY, TEAM_A_KEY, default_config
@@ -38,3 +42,70 @@ def test_answer_cached_on_a_is_a_hit_on_b_until_purged(
             time.sleep(0.02)
         else:
             raise AssertionError("B still served the purged entry")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_identical_requests_across_replicas_make_one_upstream_call(
+    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str, stream: bool
+) -> None:
+    config = default_config(mock_upstream, store_url=redis_url)
+    config["cache"] = {"enabled": True, "ttl_s": 60}
+    replicas = gateway_factory(config), gateway_factory(config)
+    if stream:
+        mock_upstream.behave(chunks=8, chunk_delay=0.1)  # a stream of ~0.9 s
+    else:
+        mock_upstream.behave(delay_head=0.5)
+    body = {**BODY, "messages": [{"role": "user", "content": f"together, stream={stream}"}], "stream": stream}
+
+    def ask(i: int) -> tuple[str, bytes, float, float]:
+        client = replicas[i % 2].http(api_key=TEAM_A_KEY, timeout=10)
+        with client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            first = 0.0
+            content = b""
+            for chunk in r.iter_bytes():
+                first = first or time.monotonic()
+                content += chunk
+            return r.headers["x-cache"], content, first, time.monotonic()
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(ask, range(10)))
+    assert len(mock_upstream.requests) == 1
+    assert sorted(cache for cache, *_ in answers) == ["hit"] * 9 + ["miss"]
+    assert all(content == answers[0][1] for _, content, *_ in answers)
+    if stream:
+        assert answers[0][1].endswith(b"data: [DONE]\n\n") and b"chunk7" in answers[0][1]
+        [leader_end] = [end for cache, _, _, end in answers if cache == "miss"]
+        # Followers on both replicas were relayed the stream while it was produced, not after.
+        assert all(first < leader_end - 0.4 for cache, _, first, _ in answers if cache == "hit")
+    else:
+        assert orjson.loads(answers[0][1])["object"] == "chat.completion"
+
+
+def test_leader_replica_dies_and_a_follower_on_the_other_takes_over(
+    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str
+) -> None:
+    config = default_config(mock_upstream, store_url=redis_url)
+    config["cache"] = {"enabled": True, "ttl_s": 60, "coalesce_lease_s": 1}
+    a, b = gateway_factory(config), gateway_factory(config)
+    mock_upstream.behave(chunks=20, chunk_delay=0.2, times=1)  # the first call: a 4 s stream
+    content = "the leader will not make it"
+    body = {**BODY, "messages": [{"role": "user", "content": content}]}
+
+    def ask(gateway: Any, stream: bool) -> httpx.Response:
+        with gateway.http(api_key=TEAM_A_KEY, timeout=15) as client:
+            return client.post("/v1/chat/completions", json={**body, "stream": stream})
+
+    with ThreadPoolExecutor(5) as pool:
+        leader = pool.submit(ask, a, True)
+        mock_upstream.wait_for_requests(1, 5)
+        followers = [pool.submit(ask, b, False) for _ in range(4)]
+        time.sleep(0.5)
+        a.proc.kill()  # mid-stream: its lease is never renewed nor released
+        answers = [f.result() for f in followers]
+        with contextlib.suppress(httpx.HTTPError):
+            leader.result()
+    assert all(r.status_code == 200 for r in answers)
+    assert {r.json()["choices"][0]["message"]["content"] for r in answers} == {f"echo: {content}"}
+    assert sorted(r.headers["x-cache"] for r in answers) == ["hit"] * 3 + ["miss"]
+    assert len(mock_upstream.requests) == 2

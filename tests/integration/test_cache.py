@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
+import openai
 import orjson
 import pytest
 
@@ -18,7 +20,10 @@ ADMIN = "adm-cache-0123456789abcdef"
 
 @pytest.fixture
 async def gw(config_text: str) -> Any:
-    text = config_text.replace("auth:\n", f"auth:\n  admin_key: {ADMIN}\n") + "cache: {enabled: true, ttl_s: 60}\n"
+    text = (
+        config_text.replace("auth:\n", f"auth:\n  admin_key: {ADMIN}\n")
+        + "cache: {enabled: true, ttl_s: 60}\n"
+    )
     app = build_app(parse(text, {}))
     async with app.lifespan(None):  # type: ignore[arg-type]
         yield app
@@ -51,7 +56,9 @@ async def test_client_directives(gw: Any, mock: MockOpenAI) -> None:
     assert (await ask(gw, headers={"x-gateway-cache": "on"})).headers["x-cache"] == "miss"
     assert (await ask(gw, headers={"x-gateway-cache": "on"})).headers["x-cache"] == "hit"
     assert (await ask(gw, headers={"cache-control": "no-cache"}, temperature=0)).headers["x-cache"] == "miss"
-    assert (await ask(gw, headers={"cache-control": "no-store"}, temperature=0)).headers["x-cache"] == "bypass"
+    assert (await ask(gw, headers={"cache-control": "no-store"}, temperature=0)).headers[
+        "x-cache"
+    ] == "bypass"
     assert (await ask(gw, headers={"x-gateway-cache": "off"}, temperature=0)).headers["x-cache"] == "bypass"
 
 
@@ -71,11 +78,79 @@ async def test_streams_replay_as_sse(gw: Any, mock: MockOpenAI) -> None:
     body = {"stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
     first = await ask(gw, **body)
     second = await ask(gw, **body)
-    assert second.headers["x-cache"] == "hit" and second.headers["content-type"].startswith("text/event-stream")
+    assert second.headers["x-cache"] == "hit" and second.headers["content-type"].startswith(
+        "text/event-stream"
+    )
     assert second.content == first.content and second.text.endswith("data: [DONE]\n\n")
     events = [orjson.loads(line[6:]) for line in second.text.splitlines() if line.startswith("data: {")]
     assert events and all(e["object"] == "chat.completion.chunk" for e in events)
-    assert (await ask(gw, temperature=0)).headers["x-cache"] == "miss"  # stored in its own mode
+
+
+def sdk(app: Any) -> openai.AsyncOpenAI:
+    transport = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+    return openai.AsyncOpenAI(base_url="http://gw/v1", api_key=KEY_A, http_client=transport, max_retries=0)
+
+
+async def test_a_stream_serves_a_json_request_and_back(gw: Any, mock: MockOpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "one two three"}]
+    client = sdk(gw)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-mini",
+        messages=messages,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert raw.headers["x-cache"] == "miss"
+    streamed = [chunk async for chunk in raw.parse()]
+    await gw.cache.flush()
+    raw_json = await client.chat.completions.with_raw_response.create(
+        model="gpt-mini", messages=messages, temperature=0
+    )
+    assert raw_json.headers["x-cache"] == "hit" and len(mock.requests) == 1
+    answer = raw_json.parse()
+    assert answer.object == "chat.completion" and answer.id == streamed[0].id
+    assert answer.choices[0].message.content == "".join(
+        c.choices[0].delta.content or "" for c in streamed if c.choices
+    )
+    assert answer.choices[0].message.role == "assistant" and answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage == streamed[-1].usage
+
+    # And a JSON answer to a streaming request: chunks that add up to it, usage only when asked for.
+    others: Any = [{"role": "user", "content": "four five"}]
+    stored = await client.chat.completions.create(model="gpt-mini", messages=others, temperature=0)
+    await gw.cache.flush()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-mini", messages=others, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    assert raw.headers["x-cache"] == "hit" and len(mock.requests) == 2
+    chunks = [chunk async for chunk in raw.parse()]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == stored.choices[0].message.content
+    )
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage == stored.usage
+    plain = [
+        chunk
+        async for chunk in await client.chat.completions.create(
+            model="gpt-mini", messages=others, temperature=0, stream=True
+        )
+    ]
+    assert plain[-1].choices[0].finish_reason == "stop" and all(c.usage is None for c in plain)
+    assert len(mock.requests) == 2
+
+
+async def test_legacy_completions_cross_modes(gw: Any, mock: MockOpenAI) -> None:
+    client = sdk(gw)
+    stream = await client.completions.create(model="instruct", prompt="say this", temperature=0, stream=True)
+    text = "".join([chunk.choices[0].text async for chunk in stream])
+    await gw.cache.flush()
+    raw = await client.completions.with_raw_response.create(
+        model="instruct", prompt="say this", temperature=0
+    )
+    assert raw.headers["x-cache"] == "hit" and (raw.parse()).choices[0].text == text == "echo: say this"
+    assert len(mock.requests) == 1
 
 
 async def test_purge_all_per_key_per_model(gw: Any, mock: MockOpenAI) -> None:
