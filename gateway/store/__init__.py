@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
-from gateway.store.base import LocalOps, Script, ScriptArg, Store, StoreError, Subscription
+from gateway.store.base import Call, LocalOps, Script, ScriptArg, Store, StoreError, Subscription
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
 __all__ = [
+    "Call",
     "LocalOps",
     "MemoryStore",
     "RedisStore",

@@ -95,6 +95,9 @@ class Script:
         return f"Script({self.name!r}, sha={self.sha[:12]})"
 
 
+Call = tuple[Script, Sequence[str], Sequence[ScriptArg]]  # one script run: script, KEYS, ARGV
+
+
 class Subscription(ABC):
     """A live subscription returned by `Store.subscribe`."""
 
@@ -190,6 +193,15 @@ class Store(ABC):
         """Run `script` atomically in one round trip with KEYS=`keys` and ARGV=`args`.
 
         An error raised by the script (Lua error reply or Python exception) is a `StoreError`.
+        """
+
+    @abstractmethod
+    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        """Run each (script, keys, args) of `calls` as `run` does, in ONE round trip, in order.
+
+        A pipeline, not a transaction: each script is atomic, but the calls may touch
+        different hash slots and another client may run between them. Every call
+        runs even when one fails; then the first failure is raised as a `StoreError`.
         """
 
     @abstractmethod

@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.store.base import (
     INCR_WITH_TTL,
+    Call,
     Script,
     ScriptArg,
     Store,
@@ -271,6 +272,20 @@ class MemoryStore(Store):
             # Redis answers a Lua runtime error with an error reply; keep the two alike.
             raise StoreError(f"script {script.name!r} failed: {exc!r}") from exc
         return _redis_reply(result, script)
+
+    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        """Each twin in turn; every one runs, then the first failure is raised (as from a pipeline)."""
+        replies: list[Any] = []
+        failure: StoreError | None = None
+        for script, keys, args in calls:
+            try:
+                replies.append(await self.run(script, keys, args))
+            except StoreError as exc:
+                failure = failure or exc
+                replies.append(None)
+        if failure is not None:
+            raise failure
+        return replies
 
     async def run_get(
         self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str

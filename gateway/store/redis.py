@@ -47,6 +47,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from gateway.store.base import (
     INCR_WITH_TTL,
+    Call,
     Script,
     ScriptArg,
     Store,
@@ -277,6 +278,9 @@ class RedisStore(Store):
             return await self._evalsha(script, keys, args)
         except _DRIVER_ERRORS as exc:
             raise self._error(f"script {script.name}", exc) from exc
+
+    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        raise NotImplementedError  # replaced on the lean-many branch
 
     async def run_get(
         self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str
