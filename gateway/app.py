@@ -148,6 +148,8 @@ class Snapshot:
                 ttl_s=c.ttl_s,
                 max_entry_bytes=c.max_entry_bytes,
                 shared=c.shared,
+                always=c.mode == "always",
+                outage=config.store.outage.cache,
                 coalesce=c.coalesce,
                 wait_s=c.coalesce_wait_s,
                 lease_s=c.coalesce_lease_s,
@@ -200,8 +202,8 @@ class Snapshot:
         )
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         if self.cache is not None:
-            app = CacheMiddleware(app, cache=self.cache, always=c.mode == "always")
-        app = RateLimitMiddleware(app, limiter=limiter, forward=forward)
+            app = CacheMiddleware(app, cache=self.cache)
+        app = RateLimitMiddleware(app, limiter=limiter, forward=forward, cache=self.cache)
         app = BodyMiddleware(app, routes=HOT_ROUTES, max_bytes=config.server.max_body_bytes)
         self.jwt = JWTVerifier(config.auth.jwt) if config.auth.jwt else None
         app = AuthMiddleware(app, keys=self.keys, jwt=self.jwt)

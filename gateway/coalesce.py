@@ -1,8 +1,9 @@
 """Request coalescing: identical cacheable requests in flight at once, on any replica, make one upstream call.
 
-On a cache miss a request runs `CLAIM` (one round trip): the entry if it has
-landed meanwhile, else the lock `<entry key>:lock` with `SET NX PX lease` (it
-leads), else the lock's value, the leader's flight token (it follows).
+A cacheable request looks itself up with `CLAIM` (one round trip, pipelined
+with the rate-limit admission when the key has limits): the entry if there is
+one, else the lock `<entry key>:lock` with `SET NX PX lease` (it leads), else
+the lock's value, the leader's flight token (it follows).
 
 The leader answers its own client as usual; what it sends is also appended, by
 a background writer so its client never waits on the store, to the flight's log
@@ -67,6 +68,8 @@ def _claim_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[byte
     entry = ops.get(keys[0])
     if entry is not None:
         return [b"hit", entry]
+    if args[1] == b"0":
+        return [b"miss"]
     holder = ops.get(keys[1])
     if holder is None:
         ops.set(keys[1], args[0], int(args[1]) / 1000)
@@ -74,13 +77,17 @@ def _claim_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[byte
     return [b"follow", holder]
 
 
-# KEYS: entry, lock; ARGV: token, lease in ms -> {"hit", entry} | {"lead"} | {"follow", leader's token}
+# KEYS: entry, lock; ARGV: token, lease in ms (0: look up only, no coalescing)
+# -> {"hit", entry} | {"miss"} | {"lead"} | {"follow", leader's token}
 CLAIM = Script(
     "gateway.cache.claim",
     lua="""
 local entry = redis.call('GET', KEYS[1])
 if entry then
   return {'hit', entry}
+end
+if ARGV[2] == '0' then
+  return {'miss'}
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {'lead'}

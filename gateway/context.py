@@ -10,6 +10,7 @@ from gateway.types import Send
 if TYPE_CHECKING:
     from gateway.keys import Policy
     from gateway.limiter import Admission
+    from gateway.middleware.cache import Lookup
     from gateway.providers import Operation
     from gateway.router import Route
 
@@ -23,6 +24,7 @@ class RequestContext:
         "deployment",
         "extra_headers",
         "identity",
+        "lookup",
         "model",
         "operation",
         "plan",
@@ -55,6 +57,7 @@ class RequestContext:
         self.usage: tuple[int, int] | None = None  # the answer's (prompt, completion) tokens, when it says
         self.plan: list[Route] | None = None  # the deployments to try, once resolved
         self.admission: Admission | None = None  # what the limits charged, to settle afterwards
+        self.lookup: Lookup | None = None  # the cache lookup, planned before admission to share its trip
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers every response carries."""

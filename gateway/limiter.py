@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from gateway.breaker import Breakers
     from gateway.context import RequestContext
     from gateway.keys import Policy
+    from gateway.middleware.cache import Lookup
     from gateway.router import Route
 
 log = logging.getLogger("gateway.limiter")
@@ -119,10 +120,13 @@ class Limiter:
         price_in, price_out = self.prices.get(alias, (0.0, 0.0))
         return math.ceil((prompt * price_in + completion * price_out) * NANO_USD_PER_MTOK)
 
-    async def admit(self, ctx: RequestContext, plan: list[Route]) -> Admission | None:
+    async def admit(
+        self, ctx: RequestContext, plan: list[Route], lookup: Lookup | None = None
+    ) -> Admission | None:
         """Charge every limit of the request or raise the 429 naming the one that said no.
 
         Returns None when nothing limits this request. Sets the x-ratelimit-* headers.
+        A cache `lookup` to run goes in the same round trip; its reply lands in `lookup.reply`.
         """
         policy: Policy | None = ctx.policy
         assert policy is not None
@@ -145,9 +149,16 @@ class Limiter:
             for spec in specs:
                 args += spec.args(group, self._amount(spec, admission))
         try:
-            reply = await self.store.run(ADMIT, [PREFIX], args)
+            if lookup is not None and lookup.call is not None:
+                reply, claimed = await self.store.run_many([(ADMIT, [PREFIX], args), lookup.call])
+                if not isinstance(claimed, StoreError):  # else the cache tries on its own
+                    lookup.reply = claimed
+            else:
+                reply = await self.store.run(ADMIT, [PREFIX], args)
         except StoreError as exc:
             return self._without_store(ctx, required, admission, exc)
+        if isinstance(reply, StoreError):
+            return self._without_store(ctx, required, admission, reply)
         admitted, refused, reset_ms, chosen, now = (int(x) for x in reply[:5])
         ctx.extra_headers += _headers(required, [int(x) for x in reply[5:]])
         if not admitted:

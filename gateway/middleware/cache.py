@@ -41,11 +41,11 @@ import time
 import msgspec
 import orjson
 
-from gateway.coalesce import CHUNK, CLAIM, HEAD, Flight, FlightLost, Follow, Tail, new_token
+from gateway.coalesce import CHUNK, CLAIM, HEAD, RELEASE, Flight, FlightLost, Follow, Tail, new_token
 from gateway.context import RequestContext
-from gateway.errors import UpstreamError
+from gateway.errors import ServiceUnavailable, UpstreamError
 from gateway.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
-from gateway.store import Store, StoreError, Subscription
+from gateway.store import Call, Store, StoreError, Subscription
 from gateway.tasks import Background
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -65,6 +65,18 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Entry).decode
 
 
+class Lookup:
+    """A cacheable request's lookup, planned before the rate-limit admission so both share a round trip."""
+
+    __slots__ = ("call", "key", "reply", "token")
+
+    def __init__(self, key: str, token: str, call: Call | None) -> None:
+        self.key = key
+        self.token = token  # ours, should the claim make us lead
+        self.call = call  # CLAIM; None for a refresh, which neither reads nor follows
+        self.reply: list[bytes] | None = None  # CLAIM's reply, once run
+
+
 class ResponseCache:
     """The store side: generations, lookup, fill, purge."""
 
@@ -75,11 +87,15 @@ class ResponseCache:
         ttl_s: float,
         max_entry_bytes: int,
         shared: bool,
+        always: bool = False,
         coalesce: bool = True,
         wait_s: float = 30,
         lease_s: float = 5,
+        outage: str = "open",
     ) -> None:
         self.store = store
+        self.always = always  # cache.mode: always (else temperature 0 only)
+        self.outage = outage  # store down: "open" serves uncached, "closed" answers 503
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
         self.shared = shared
@@ -137,14 +153,44 @@ class ResponseCache:
             return None
         return None if raw is None else _decode(raw)
 
+    def plan(self, scope: Scope, ctx: RequestContext) -> Lookup | None:
+        """None when the request bypasses the cache (and says so in ctx), else its lookup to run."""
+        wish = _directive(scope)
+        if wish == b"off" or not (wish == b"on" or self.always or ctx.body.get("temperature") == 0):
+            ctx.cache = b"bypass"
+            return None
+        key = self.key(ctx)
+        if wish == b"refresh":
+            return Lookup(key, "", None)
+        token = new_token()
+        lease_ms = math.ceil(self.lease_s * 1000) if self.coalesce else 0
+        return Lookup(key, token, (CLAIM, [key, key + ":lock"], [token, lease_ms]))
+
     async def claim(self, key: str) -> tuple[bytes, Entry | None, str]:
-        """After a miss, one round trip: (b"hit", entry, ""), (b"lead", None, our token) or
-        (b"follow", None, the leader's token)."""
+        """Claim `key` again (its flight failed): see `outcome`."""
         token = new_token()
         reply = await self.store.run(CLAIM, [key, key + ":lock"], [token, math.ceil(self.lease_s * 1000)])
+        return self.outcome(reply, token)
+
+    def outcome(self, reply: list[bytes], token: str) -> tuple[bytes, Entry | None, str]:
+        """CLAIM's reply as (b"hit", entry, ""), (b"miss", None, ""), (b"lead", None, our token) or
+        (b"follow", None, the leader's token)."""
         if reply[0] == b"hit":
             return b"hit", _decode(reply[1]), ""
+        if reply[0] == b"miss":
+            return b"miss", None, ""
         return reply[0], None, token if reply[0] == b"lead" else reply[1].decode()
+
+    def abandon(self, lookup: Lookup) -> None:
+        """Give back a lock the lookup took for a request that will not go upstream after all."""
+        if lookup.reply is not None and lookup.reply[0] == b"lead":
+            self._background.spawn(self._release(lookup.key + ":lock", lookup.token))
+
+    async def _release(self, lock: str, token: str) -> None:
+        try:
+            await self.store.run(RELEASE, [lock], [token])
+        except StoreError as exc:
+            log.warning("cache: lock not released (its lease ends it): %s", exc)
 
     def lead(self, key: str, token: str) -> Flight:
         # The log outlives the longest follow, so a late follower still reads it from the start.
@@ -193,44 +239,54 @@ def _directive(scope: Scope) -> bytes:
 
 
 class CacheMiddleware:
-    def __init__(self, app: ASGIApp, *, cache: ResponseCache, always: bool) -> None:
+    def __init__(self, app: ASGIApp, *, cache: ResponseCache) -> None:
         self.app = app
         self.cache = cache
-        self.always = always
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext | None = scope.get("gateway")
         if scope["type"] != "http" or ctx is None or ctx.operation is None:
             await self.app(scope, receive, send)
             return
-        wish = _directive(scope)
-        cacheable = wish == b"on" or (wish != b"off" and (self.always or ctx.body.get("temperature") == 0))
-        if not cacheable or wish == b"off":
-            ctx.cache = b"bypass"
+        # Planned (and often already run) by the rate limiter, which shares its round trip.
+        lookup = ctx.lookup if ctx.lookup is not None else self.cache.plan(scope, ctx)
+        if lookup is None:
             await self.app(scope, receive, send)
             return
-        key = self.cache.key(ctx)
-        if wish == b"refresh":
-            await self.produce(scope, receive, send, ctx, key, None)
+        if lookup.call is None:  # a refresh
+            await self.produce(scope, receive, send, ctx, lookup.key, None)
             return
-        entry = await self.cache.get(key)
-        if entry is not None and await self.replay(ctx, entry, send):
-            return
-        if self.cache.coalesce:
-            await self.coalesce(scope, receive, send, ctx, key)
-        else:
-            await self.produce(scope, receive, send, ctx, key, None)
+        reply = lookup.reply
+        if reply is None:
+            try:
+                reply = await self.cache.store.run(*lookup.call)
+            except StoreError as exc:
+                if self.cache.outage == "closed":
+                    log.error("cache: store unreachable, refusing (store.outage.cache: closed): %s", exc)
+                    unavailable = ServiceUnavailable(
+                        "The response cache is unavailable; try again shortly.", code="cache_unavailable"
+                    )
+                    await ctx.send_error(send, unavailable)
+                    return
+                log.warning("cache: lookup failed, serving uncached: %s", exc)
+                await self.produce(scope, receive, send, ctx, lookup.key, None)
+                return
+        await self.coalesce(scope, receive, send, ctx, lookup.key, self.cache.outcome(reply, lookup.token))
 
     async def coalesce(
-        self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, key: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ctx: RequestContext,
+        key: str,
+        claimed: tuple[bytes, Entry | None, str],
     ) -> None:
-        """After a miss: lead the flight for `key`, or follow it, claiming again when its leader fails."""
+        """Replay a hit, or lead the flight for `key`, or follow it, claiming again when its leader fails."""
         deadline = time.monotonic() + self.cache.wait_s
-        while time.monotonic() < deadline:
-            try:
-                outcome, entry, token = await self.cache.claim(key)
-            except StoreError as exc:
-                log.warning("cache: claim failed, calling upstream alone: %s", exc)
+        while True:
+            outcome, entry, token = claimed
+            if outcome == b"miss":
                 break
             if outcome == b"hit":
                 if entry is not None and await self.replay(ctx, entry, send):
@@ -244,9 +300,16 @@ class CacheMiddleware:
                     return
                 break  # the flight's answer does not convert to this request's mode
             except FlightLost:
-                continue
+                pass
             except (TimeoutError, StoreError) as exc:
                 log.warning("cache: gave up following flight %s, calling upstream alone: %r", token, exc)
+                break
+            if time.monotonic() >= deadline:
+                break
+            try:
+                claimed = await self.cache.claim(key)
+            except StoreError as exc:
+                log.warning("cache: claim failed, calling upstream alone: %s", exc)
                 break
         await self.produce(scope, receive, send, ctx, key, None)
 

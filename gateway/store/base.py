@@ -200,8 +200,10 @@ class Store(ABC):
         """Run each (script, keys, args) of `calls` as `run` does, in ONE round trip, in order.
 
         A pipeline, not a transaction: each script is atomic, but the calls may touch
-        different hash slots and another client may run between them. Every call
-        runs even when one fails; then the first failure is raised as a `StoreError`.
+        different hash slots and another client may run between them. A script that
+        fails leaves a `StoreError` in its place (the others' replies still count: a
+        caller must not lose a counter another script charged); an unreachable store
+        raises `StoreError`.
         """
 
     @abstractmethod

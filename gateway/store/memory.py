@@ -274,17 +274,13 @@ class MemoryStore(Store):
         return _redis_reply(result, script)
 
     async def run_many(self, calls: Sequence[Call]) -> list[Any]:
-        """Each twin in turn; every one runs, then the first failure is raised (as from a pipeline)."""
+        """Each twin in turn; a failing one leaves its `StoreError` in its place."""
         replies: list[Any] = []
-        failure: StoreError | None = None
         for script, keys, args in calls:
             try:
                 replies.append(await self.run(script, keys, args))
             except StoreError as exc:
-                failure = failure or exc
-                replies.append(None)
-        if failure is not None:
-            raise failure
+                replies.append(exc)
         return replies
 
     async def run_get(

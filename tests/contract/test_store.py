@@ -485,6 +485,7 @@ class TestMemoryStore:
 
 def test_public_surface() -> None:
     assert set(gateway.store.__all__) == {
+        "Call",
         "LocalOps",
         "MemoryStore",
         "RedisStore",

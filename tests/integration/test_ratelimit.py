@@ -207,3 +207,45 @@ async def test_completion_estimate_is_per_model(config_text: str, mock: MockOpen
     async with app.lifespan(None), Client(app) as a:  # type: ignore[arg-type]
         refused = await a.chat(model="gpt-other")  # 5000 reserved > 4000
     assert refused.status_code == 429
+
+
+async def test_a_cacheable_miss_with_limits_and_a_quota_makes_one_store_round_trip_before_upstream(
+    config_text: str, mock: MockOpenAI
+) -> None:
+    app = limited(
+        config_text + "cache: {enabled: true}\n", QUOTA_MODEL, key_a="limits: {rpm: 100, tpm: 100000},"
+    )
+    trips: list[str] = []
+    store = app.store
+    depth = [0]  # the memory store's run_many calls its own run: count the outer call only
+    for name in ("get", "set", "run", "run_many", "hincrby", "incr", "xadd", "xread"):
+        original = getattr(store, name)
+
+        async def spy(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            if not depth[0]:
+                trips.append(_name)
+            depth[0] += 1
+            try:
+                return await _original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        setattr(store, name, spy)
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        for route in app.routes["quota"].routes:
+            request = route.pool.request
+
+            async def upstream(*args: Any, _request: Any = request, **kwargs: Any) -> Any:
+                trips.append("upstream")
+                return await _request(*args, **kwargs)
+
+            route.pool.request = upstream
+        trips.clear()
+        miss = await c.chat(model="quota", temperature=0)
+        assert miss.headers["x-cache"] == "miss"
+        assert trips[: trips.index("upstream")] == ["run_many"]  # admission and cache claim together
+        await app.cache.flush()
+        trips.clear()
+        hit = await c.chat(model="quota", temperature=0)
+    assert hit.headers["x-cache"] == "hit" and "upstream" not in trips
+    assert trips[0] == "run_many"
