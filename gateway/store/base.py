@@ -206,17 +206,6 @@ class Store(ABC):
         raises `StoreError`.
         """
 
-    @abstractmethod
-    async def run_get(
-        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str
-    ) -> tuple[Any, bytes | None]:
-        """Run `script` (as `run`) and GET `get_key` in ONE round trip: (script reply, value or None).
-
-        A pipeline, not a transaction: the two may live in different hash slots.
-        The GET goes after the script, so it sees the script's writes, but another
-        client may write in between. A script error is a `StoreError`, as in `run`.
-        """
-
     # -- pub/sub -----------------------------------------------------------
 
     @abstractmethod

@@ -283,13 +283,6 @@ class MemoryStore(Store):
                 replies.append(exc)
         return replies
 
-    async def run_get(
-        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str
-    ) -> tuple[Any, bytes | None]:
-        """The script's twin, then the GET; `run` never suspends, so nothing else runs in between."""
-        reply = await self.run(script, keys, args)
-        return reply, self._keys.get(get_key)
-
     # -- pub/sub -----------------------------------------------------------
 
     async def publish(self, channel: str, message: bytes) -> int:

@@ -1,6 +1,6 @@
 """The Redis store: shared state for N gateway replicas.
 
-The per-request calls (`run`, `run_get`, `get`, `set`) go through the lean
+The per-request calls (`run`, `run_many`, `get`, `set`) go through the lean
 pipelining client of gateway/store/resp.py, one socket for all of them: they are
 on every request's path and redis.asyncio's per-command CPU would dominate it.
 That client is used for redis:// and unix:// URLs; over rediss:// (TLS, not
@@ -14,10 +14,13 @@ connection error, which is what lets the store ride out a Redis restart: the
 pooled sockets are stale afterwards and the retry reconnects. Timeouts are not
 retried, since a script that timed out may already have run.
 
-Scripts go by EVALSHA. A script is loaded once (at `register` or first use); if
-Redis has lost it since (restart, failover, SCRIPT FLUSH), NOSCRIPT makes the
-store load it again and retry once. On the lean client SCRIPT LOAD is pipelined
-with the EVALSHA, so even a first run or a reload is one round trip.
+Scripts go by EVALSHA. `run` is `run_many` of one call, and `run_many` pipelines
+the EVALSHAs of its calls in one round trip (not a transaction: their keys may
+span cluster slots). A script not loaded yet (no `register`) gets SCRIPT LOAD
+pipelined in front, so a first run is one round trip too. If Redis has lost a
+script since (restart, failover, SCRIPT FLUSH), the calls answered NOSCRIPT are
+retried once, each script reloaded in front: a second round trip, in that case only.
+Every call's reply is in before the first failure is raised.
 
 Pub/sub has its own connection, outside the pool so a subscription never takes
 a command slot, read by one background task for all subscriptions. When that
@@ -34,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -271,97 +274,85 @@ class RedisStore(Store):
                 raise self._error(f"SCRIPT LOAD of {script.name}", exc) from exc
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        if self._lean is not None:
-            (reply,) = await self._lean_script(self._lean, script, keys, args, b"", 0)
-            return reply
-        try:
-            return await self._evalsha(script, keys, args)
-        except _DRIVER_ERRORS as exc:
-            raise self._error(f"script {script.name}", exc) from exc
+        return (await self.run_many(((script, keys, args),)))[0]
 
     async def run_many(self, calls: Sequence[Call]) -> list[Any]:
-        raise NotImplementedError  # replaced on the lean-many branch
-
-    async def run_get(
-        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], get_key: str
-    ) -> tuple[Any, bytes | None]:
-        if self._lean is not None:
-            get = encode(("GET", get_key))
-            reply, value = await self._lean_script(self._lean, script, keys, args, get, 1)
-            if isinstance(value, ReplyError):
-                raise self._error("GET", value)
-            return reply, value
-        client = self._client
+        """EVALSHA each call in one pipeline; see the module docstring for SCRIPT LOAD and NOSCRIPT."""
+        if not calls:
+            return []
+        loaded = self._loaded
         try:
-            if script.sha not in self._loaded:
-                await self._load(script)
-            # Not a transaction: the script's keys and get_key may live in different cluster slots.
-            async with client.pipeline(transaction=False) as pipe:
+            replies = await self._send(calls, [script for script, _, _ in calls if script.sha not in loaded])
+        except (StoreError, *_DRIVER_ERRORS) as exc:
+            raise self._error(_scripts(calls), exc) from exc
+        for reply in replies:
+            if isinstance(reply, Exception):
+                return await self._settle(calls, replies)
+        return replies
+
+    async def _settle(self, calls: Sequence[Call], replies: list[Any]) -> list[Any]:
+        """Replies with an error among them: retry the NOSCRIPT calls, then raise the first failure."""
+        lost = [i for i, reply in enumerate(replies) if _noscript(reply)]
+        if lost:
+            # Redis lost its script cache since we loaded them (restart, failover, SCRIPT FLUSH).
+            again = [calls[i] for i in lost]
+            try:
+                retried = await self._send(again, [script for script, _, _ in again])
+            except (StoreError, *_DRIVER_ERRORS) as exc:
+                raise self._error(_scripts(again), exc) from exc
+            for i, reply in zip(lost, retried, strict=True):
+                replies[i] = reply
+        for (script, _, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise self._error(f"script {script.name}", reply)
+        return replies
+
+    def _send(self, calls: Sequence[Call], loads: Sequence[Script]) -> Awaitable[list[Any]]:
+        """One round trip: SCRIPT LOAD of `loads`, then an EVALSHA per call; one reply per call."""
+        if loads:
+            loads = _distinct(loads)
+        return self._lean_send(calls, loads) if self._lean is not None else self._pipeline_send(calls, loads)
+
+    async def _lean_send(self, calls: Sequence[Call], loads: Sequence[Script]) -> list[Any]:
+        """`_send` on the lean client: every command in one write."""
+        assert self._lean is not None
+        commands = [encode(("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args in calls]
+        if loads:
+            commands[:0] = [encode(("SCRIPT", "LOAD", script.lua)) for script in loads]
+        count = len(commands)
+        replies = await self._lean.execute(b"".join(commands), count)
+        if count == 1:
+            return [replies]
+        return self._after_loads(loads, calls, replies) if loads else replies
+
+    async def _pipeline_send(self, calls: Sequence[Call], loads: Sequence[Script]) -> list[Any]:
+        """`_send` on redis.asyncio: a pipeline, not a transaction (the keys may span slots)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script in loads:
+                pipe.script_load(script.lua)
+            for script, keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.get(get_key)
-                reply, value = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
-                reply = await self._evalsha(script, keys, args, reload=True)
-        except _DRIVER_ERRORS as exc:
-            raise self._error(f"script {script.name} with GET", exc) from exc
-        if isinstance(reply, Exception):
-            raise self._error(f"script {script.name}", reply)
-        if isinstance(value, Exception):
-            raise self._error("GET", value)
-        return reply, value
+            replies = await pipe.execute(raise_on_error=False)
+        return self._after_loads(loads, calls, replies) if loads else replies
 
-    async def _evalsha(
-        self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg], *, reload: bool = False
-    ) -> Any:
-        client = self._client
-        if reload or script.sha not in self._loaded:
-            await self._load(script)
-        try:
-            return await client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # Redis lost its script cache since we loaded it (restart, failover, SCRIPT FLUSH).
-            await self._load(script)
-            return await client.evalsha(script.sha, len(keys), *keys, *args)
+    def _after_loads(self, loads: Sequence[Script], calls: Sequence[Call], replies: list[Any]) -> list[Any]:
+        """The calls' replies, after those of SCRIPT LOAD of `loads`; notes which scripts Redis has now.
 
-    async def _lean_script(
-        self,
-        lean: RespClient,
-        script: Script,
-        keys: Sequence[str],
-        args: Sequence[ScriptArg],
-        extra: bytes,
-        extra_count: int,
-    ) -> list[Any]:
-        """EVALSHA with `extra_count` commands (`extra`) pipelined after it: [script reply, *their replies].
-
-        A script not loaded yet, or lost by Redis (NOSCRIPT), gets SCRIPT LOAD
-        pipelined in front of its EVALSHA. A script's error reply is a `StoreError`.
+        A refused load (a Lua syntax error) becomes the reply of its script's calls: their
+        NOSCRIPT would only trigger a reload bound to fail the same way.
         """
-        action = f"script {script.name}"
-        try:
-            evalsha = encode(("EVALSHA", script.sha, len(keys), *keys, *args))
-            if script.sha in self._loaded:
-                replies = await lean.execute(evalsha + extra, 1 + extra_count)
+        refused: dict[str, StoreError] = {}
+        for script, loaded in zip(loads, replies, strict=False):
+            if isinstance(loaded, Exception):
+                refused[script.sha] = StoreError(f"SCRIPT LOAD refused: {loaded}")
             else:
-                replies = await self._lean_load(lean, script, evalsha + extra, 1 + extra_count)
-            if not extra_count:
-                replies = [replies]
-            if isinstance(replies[0], ReplyError) and str(replies[0]).startswith("NOSCRIPT"):
-                # Redis lost its script cache since we loaded it (restart, failover, SCRIPT FLUSH).
-                replies[0] = await self._lean_load(lean, script, evalsha, 1)
-        except StoreError as exc:
-            raise self._error(action, exc) from exc
-        if isinstance(replies[0], ReplyError):
-            raise self._error(action, replies[0])
-        return list(replies)
-
-    async def _lean_load(self, lean: RespClient, script: Script, commands: bytes, count: int) -> Any:
-        """SCRIPT LOAD pipelined before `count` commands; their reply (a list when count > 1)."""
-        loaded, *replies = await lean.execute(encode(("SCRIPT", "LOAD", script.lua)) + commands, 1 + count)
-        if isinstance(loaded, ReplyError):
-            raise StoreError(f"SCRIPT LOAD refused: {loaded}")  # e.g. a Lua syntax error
-        self._loaded.add(script.sha)
-        return replies if count > 1 else replies[0]
+                self._loaded.add(script.sha)
+        replies = replies[len(loads) :]
+        if refused:
+            replies = [
+                refused.get(script.sha, reply) for (script, _, _), reply in zip(calls, replies, strict=True)
+            ]
+        return replies
 
     async def _load(self, script: Script) -> None:
         await self._client.script_load(script.lua)
@@ -503,6 +494,24 @@ class _RedisSubscription(Subscription):
         if self.active:
             self.active = False
             await self._store._unsubscribe(self)
+
+
+def _noscript(reply: Any) -> bool:
+    """Whether an EVALSHA's reply says Redis does not have the script (either client's error type)."""
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+    )
+
+
+def _distinct(scripts: Sequence[Script]) -> list[Script]:
+    """Each script once: a script in several calls is loaded once."""
+    return list({script.sha: script for script in scripts}.values())
+
+
+def _scripts(calls: Sequence[Call]) -> str:
+    """What a failed round trip names in its error: its scripts."""
+    names = dict.fromkeys(script.name for script, _, _ in calls)
+    return f"script{'s' if len(names) > 1 else ''} {', '.join(names)}"
 
 
 def _url_secrets(url: str) -> tuple[str, ...]:

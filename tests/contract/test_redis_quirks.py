@@ -13,7 +13,7 @@ import pytest
 from gateway.store import MemoryStore, RedisStore, Script, Store, StoreError, store_from_url
 
 from . import bounded, eventually, redis_stores
-from .test_store import CAPPED_INCR
+from .test_store import CAPPED_INCR, ECHO
 
 if TYPE_CHECKING:
     from tests.conftest import RedisServer
@@ -35,20 +35,31 @@ class TestScriptCache:
         await store.client.script_flush()
         assert (await store.run(CAPPED_INCR, ["c"], [5, 10_000]))[:2] == [1, 2]
 
-    async def test_noscript_in_run_get_reloads_and_keeps_the_get(self, store: Store) -> None:
+    async def test_noscript_in_run_many_reloads_every_lost_script(self, store: Store) -> None:
         assert isinstance(store, RedisStore)
-        await store.set("v", b"value")
-        assert (await store.run_get(CAPPED_INCR, ["c"], [5, 10_000], "v"))[0][:2] == [1, 1]
+        calls = [(CAPPED_INCR, ["c"], [5, 10_000]), (ECHO, ["k"], ["a"])]
+        assert (await store.run_many(calls))[0][:2] == [1, 1]
         await store.client.script_flush()
-        reply, value = await store.run_get(CAPPED_INCR, ["c"], [5, 10_000], "v")
-        assert (reply[:2], value) == ([1, 2], b"value")
+        replies = await store.run_many(calls)
+        assert (replies[0][:2], replies[1]) == ([1, 2], [[b"k"], [b"a"]])
+
+    async def test_noscript_for_one_call_of_run_many_keeps_the_others(self, store: Store) -> None:
+        assert isinstance(store, RedisStore)
+        calls = [(CAPPED_INCR, ["c"], [5, 10_000]), (ECHO, ["k"], ["a"])]
+        await store.run_many(calls)
+        await store.client.script_flush()
+        await store.client.script_load(ECHO.lua)  # only the first call's script is lost
+        replies = await store.run_many(calls)
+        assert (replies[0][:2], replies[1]) == ([1, 2], [[b"k"], [b"a"]])
+        assert await store.get("c") == b"2"
 
     async def test_lua_syntax_error_is_store_error(self, store: Store) -> None:
         broken = Script("test.broken", "return {", lambda ops, keys, args: None)
         with pytest.raises(StoreError):
             await store.run(broken, [], [])
         with pytest.raises(StoreError):
-            await store.run_get(broken, [], [], "v")
+            await store.run_many([(CAPPED_INCR, ["c"], [5, 10_000]), (broken, [], [])])
+        assert await store.get("c") == b"1"
 
     async def test_register_loads_ahead(self, store: Store) -> None:
         assert isinstance(store, RedisStore)
@@ -104,7 +115,7 @@ async def test_unreachable_redis_fails_fast_without_the_password(free_tcp_port: 
             lambda: store.incr("k"),
             lambda: store.incr("k", ttl_s=1),
             lambda: store.run(CAPPED_INCR, ["c"], [1, 1000]),
-            lambda: store.run_get(CAPPED_INCR, ["c"], [1, 1000], "k"),
+            lambda: store.run_many([(CAPPED_INCR, ["c"], [1, 1000]), (ECHO, ["k"], ["a"])]),
             lambda: store.register(CAPPED_INCR),
             lambda: store.publish("events", b"m"),
             lambda: store.subscribe("events", lambda message: None),

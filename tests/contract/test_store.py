@@ -48,6 +48,8 @@ def _fail(ops: LocalOps, keys: list[str], args: list[bytes]) -> None:
 
 FAILING = Script("test.failing", "return redis.error_reply('boom')", _fail)
 
+GET = Script("test.get", "return redis.call('GET', KEYS[1])", lambda ops, keys, args: ops.get(keys[0]))
+
 
 @all_stores
 class TestKeys:
@@ -191,48 +193,56 @@ class TestScripts:
 
 
 @all_stores
-class TestRunGet:
-    async def test_script_reply_and_value(self, store: Store) -> None:
-        await store.set("cached", b"\x00answer")
-        reply, value = await store.run_get(CAPPED_INCR, ["c"], [3, 10_000], "cached")
-        assert reply[:2] == [1, 1]
-        assert value == b"\x00answer"
+class TestRunMany:
+    async def test_replies_come_in_order(self, store: Store) -> None:
+        replies = await store.run_many([(CAPPED_INCR, ["c"], [3, 10_000]), (ECHO, ["k"], ["a"])])
+        assert replies[0][:2] == [1, 1]
+        assert replies[1] == [[b"k"], [b"a"]]
 
-    async def test_missing_value_is_none(self, store: Store) -> None:
-        reply, value = await store.run_get(ECHO, ["k"], ["a"], "missing")
-        assert reply == [[b"k"], [b"a"]]
-        assert value is None
+    async def test_nothing_to_run(self, store: Store) -> None:
+        assert await store.run_many([]) == []
 
-    async def test_get_sees_the_script_write(self, store: Store) -> None:
+    async def test_a_call_sees_the_writes_of_those_before_it(self, store: Store) -> None:
         for expected in (b"1", b"2"):
-            reply, value = await store.run_get(CAPPED_INCR, ["c"], [5, 10_000], "c")
+            reply, value = await store.run_many([(CAPPED_INCR, ["c"], [5, 10_000]), (GET, ["c"], [])])
             assert value == expected == str(reply[1]).encode()
+        replies = await store.run_many([(CAPPED_INCR, ["c"], [5, 10_000]), (CAPPED_INCR, ["c"], [5, 10_000])])
+        assert [reply[1] for reply in replies] == [3, 4]
 
-    async def test_script_error_is_store_error_and_replies_stay_in_step(self, store: Store) -> None:
+    async def test_a_failure_is_store_error_after_every_call_ran(self, store: Store) -> None:
+        for calls in (
+            [(FAILING, [], []), (CAPPED_INCR, ["c"], [5, 10_000])],
+            [(CAPPED_INCR, ["c"], [5, 10_000]), (FAILING, [], [])],
+        ):
+            with pytest.raises(StoreError, match="boom"):
+                await store.run_many(calls)
+        assert await store.get("c") == b"2"
+
+    async def test_replies_stay_in_step_after_a_failure(self, store: Store) -> None:
         await store.set("a", b"A")
         await store.set("b", b"B")
         with pytest.raises(StoreError, match="boom"):
-            await store.run_get(FAILING, [], [], "a")
-        assert await store.run_get(ECHO, [], ["x"], "b") == ([[], [b"x"]], b"B")
+            await store.run_many([(FAILING, [], []), (GET, ["a"], [])])
+        assert await store.run_many([(ECHO, [], ["x"]), (GET, ["b"], [])]) == [[[], [b"x"]], b"B"]
         assert await store.get("a") == b"A"
 
-    async def test_get_of_a_hash_is_store_error(self, store: Store) -> None:
+    async def test_wrong_type_is_store_error(self, store: Store) -> None:
         await store.hset("h", "f", b"v")
         with pytest.raises(StoreError):
-            await store.run_get(ECHO, [], [], "h")
+            await store.run_many([(ECHO, [], []), (GET, ["h"], [])])
 
     async def test_concurrent_calls_get_their_own_replies(self, store: Store) -> None:
         for i in range(200):
             await store.set(f"v{i}", str(i).encode())
-        results: dict[int, tuple[object, bytes | None]] = {}
+        results: dict[int, list[object]] = {}
 
         async def one(i: int) -> None:
-            results[i] = await store.run_get(ECHO, [f"k{i}"], [i], f"v{i}")
+            results[i] = await store.run_many([(ECHO, [f"k{i}"], [i]), (GET, [f"v{i}"], [])])
 
         async with anyio.create_task_group() as tg:
             for i in range(200):
                 tg.start_soon(one, i)
-        assert results == {i: ([[f"k{i}".encode()], [str(i).encode()]], str(i).encode()) for i in range(200)}
+        assert results == {i: [[[f"k{i}".encode()], [str(i).encode()]], str(i).encode()] for i in range(200)}
 
 
 @all_stores
