@@ -274,7 +274,10 @@ class RedisStore(Store):
                 raise self._error(f"SCRIPT LOAD of {script.name}", exc) from exc
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
-        return (await self.run_many(((script, keys, args),)))[0]
+        (reply,) = await self.run_many(((script, keys, args),))
+        if isinstance(reply, StoreError):
+            raise reply
+        return reply
 
     async def run_many(self, calls: Sequence[Call]) -> list[Any]:
         """EVALSHA each call in one pipeline; see the module docstring for SCRIPT LOAD and NOSCRIPT."""
@@ -291,7 +294,8 @@ class RedisStore(Store):
         return replies
 
     async def _settle(self, calls: Sequence[Call], replies: list[Any]) -> list[Any]:
-        """Replies with an error among them: retry the NOSCRIPT calls, then raise the first failure."""
+        """Replies with an error among them: retry the NOSCRIPT calls, then a `StoreError` in the place
+        of each call that still failed."""
         lost = [i for i, reply in enumerate(replies) if _noscript(reply)]
         if lost:
             # Redis lost its script cache since we loaded them (restart, failover, SCRIPT FLUSH).
@@ -302,10 +306,10 @@ class RedisStore(Store):
                 raise self._error(_scripts(again), exc) from exc
             for i, reply in zip(lost, retried, strict=True):
                 replies[i] = reply
-        for (script, _, _), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, Exception):
-                raise self._error(f"script {script.name}", reply)
-        return replies
+        return [
+            self._error(f"script {script.name}", reply) if isinstance(reply, Exception) else reply
+            for (script, _, _), reply in zip(calls, replies, strict=True)
+        ]
 
     def _send(self, calls: Sequence[Call], loads: Sequence[Script]) -> Awaitable[list[Any]]:
         """One round trip: SCRIPT LOAD of `loads`, then an EVALSHA per call; one reply per call."""
