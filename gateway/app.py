@@ -146,6 +146,7 @@ class Snapshot:
             ResponseCache(
                 self.store,
                 ttl_s=c.ttl_s,
+                max_ttl_s=c.max_ttl_s,
                 max_entry_bytes=c.max_entry_bytes,
                 shared=c.shared,
                 always=c.mode == "always",

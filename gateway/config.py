@@ -113,6 +113,7 @@ class ModelConfig(Struct):
 class CacheConfig(Struct):
     enabled: bool = False
     ttl_s: PositiveFloat = 300
+    max_ttl_s: PositiveFloat = 86400  # the most a request's x-gateway-cache-ttl may ask for
     mode: Literal["deterministic", "always"] = "deterministic"  # deterministic: temperature 0 only
     shared: bool = False  # one cache for every key, instead of one per key
     max_entry_bytes: PositiveInt = 1_048_576

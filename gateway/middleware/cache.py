@@ -43,7 +43,7 @@ import orjson
 
 from gateway.coalesce import CHUNK, CLAIM, HEAD, RELEASE, Flight, FlightLost, Follow, Tail, new_token
 from gateway.context import RequestContext
-from gateway.errors import ServiceUnavailable, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
 from gateway.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
 from gateway.store import Call, Store, StoreError, Subscription
 from gateway.tasks import Background
@@ -68,10 +68,11 @@ _decode = msgspec.msgpack.Decoder(Entry).decode
 class Lookup:
     """A cacheable request's lookup, planned before the rate-limit admission so both share a round trip."""
 
-    __slots__ = ("call", "key", "reply", "token")
+    __slots__ = ("call", "key", "reply", "token", "ttl_s")
 
-    def __init__(self, key: str, token: str, call: Call | None) -> None:
+    def __init__(self, key: str, token: str, call: Call | None, ttl_s: float) -> None:
         self.key = key
+        self.ttl_s = ttl_s  # how long the answer is kept, should it be stored
         self.token = token  # ours, should the claim make us lead
         self.call = call  # CLAIM; None for a refresh, which neither reads nor follows
         self.reply: list[bytes] | None = None  # CLAIM's reply, once run
@@ -86,6 +87,7 @@ class ResponseCache:
         *,
         ttl_s: float,
         max_entry_bytes: int,
+        max_ttl_s: float = 86400,
         shared: bool,
         always: bool = False,
         coalesce: bool = True,
@@ -97,6 +99,7 @@ class ResponseCache:
         self.always = always  # cache.mode: always (else temperature 0 only)
         self.outage = outage  # store down: "open" serves uncached, "closed" answers 503
         self.ttl_s = ttl_s
+        self.max_ttl_s = max(max_ttl_s, ttl_s)
         self.max_entry_bytes = max_entry_bytes
         self.shared = shared
         self.coalesce = coalesce
@@ -160,11 +163,28 @@ class ResponseCache:
             ctx.cache = b"bypass"
             return None
         key = self.key(ctx)
+        ttl_s = self._ttl(scope)
         if wish == b"refresh":
-            return Lookup(key, "", None)
+            return Lookup(key, "", None, ttl_s)
         token = new_token()
         lease_ms = math.ceil(self.lease_s * 1000) if self.coalesce else 0
-        return Lookup(key, token, (CLAIM, [key, key + ":lock"], [token, lease_ms]))
+        return Lookup(key, token, (CLAIM, [key, key + ":lock"], [token, lease_ms]), ttl_s)
+
+    def _ttl(self, scope: Scope) -> float:
+        """`x-gateway-cache-ttl` (seconds, up to `cache.max_ttl_s`), else `cache.ttl_s`."""
+        raw = next((v for k, v in scope["headers"] if k == b"x-gateway-cache-ttl"), None)
+        if raw is None:
+            return self.ttl_s
+        try:
+            ttl_s = float(raw)
+        except ValueError:
+            ttl_s = math.nan
+        if not 0 < ttl_s <= self.max_ttl_s:  # also refuses nan and inf
+            raise InvalidRequest(
+                f"x-gateway-cache-ttl must be a number of seconds above 0 and at most {self.max_ttl_s:g}.",
+                param="x-gateway-cache-ttl",
+            )
+        return ttl_s
 
     async def claim(self, key: str) -> tuple[bytes, Entry | None, str]:
         """Claim `key` again (its flight failed): see `outcome`."""
@@ -206,14 +226,14 @@ class ResponseCache:
             tail = self._tails[token] = Tail(self.store, key + ":lock", token, poll_s=self.lease_s / 2)
         return Follow(tail, self._tails, deadline=deadline)
 
-    def fill(self, key: str, entry: Entry) -> None:
-        self._background.spawn(self.put(key, entry))
+    def fill(self, key: str, entry: Entry, ttl_s: float) -> None:
+        self._background.spawn(self.put(key, entry, ttl_s))
 
-    async def put(self, key: str, entry: Entry) -> None:
+    async def put(self, key: str, entry: Entry, ttl_s: float) -> None:
         if len(entry.body) > self.max_entry_bytes:
             return
         try:
-            await self.store.set(key, _encode(entry), ttl_s=self.ttl_s)
+            await self.store.set(key, _encode(entry), ttl_s=ttl_s)
         except StoreError as exc:
             log.warning("cache: fill failed: %s", exc)
 
@@ -249,7 +269,13 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         # Planned (and often already run) by the rate limiter, which shares its round trip.
-        lookup = ctx.lookup if ctx.lookup is not None else self.cache.plan(scope, ctx)
+        lookup = ctx.lookup
+        if lookup is None and ctx.cache != b"bypass":
+            try:
+                lookup = ctx.lookup = self.cache.plan(scope, ctx)
+            except GatewayError as exc:
+                await ctx.send_error(send, exc)
+                return
         if lookup is None:
             await self.app(scope, receive, send)
             return
@@ -337,15 +363,16 @@ class CacheMiddleware:
             await send(message)
 
         entry = None
+        ttl_s = ctx.lookup.ttl_s if ctx.lookup is not None else self.cache.ttl_s
         try:
             await self.app(scope, receive, capture)
             if ctx.status == 200 and ctx.complete:
                 entry = Entry(content_type, b"".join(captured))
         finally:
             if flight is not None:
-                flight.finish(None if entry is None else functools.partial(self.cache.put, key, entry))
+                flight.finish(None if entry is None else functools.partial(self.cache.put, key, entry, ttl_s))
             elif entry is not None:
-                self.cache.fill(key, entry)
+                self.cache.fill(key, entry, ttl_s)
 
     async def follow(self, ctx: RequestContext, receive: Receive, send: Send, follow: Follow) -> bool:
         """`relay`, ended when the client goes away: it would otherwise wait on the flight for nobody."""

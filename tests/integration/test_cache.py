@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import httpx
 import openai
 import orjson
 import pytest
 
 from gateway import build_app, parse
+from gateway.store import StoreError
 from tests.integration.conftest import KEY_A, KEY_B, Client
 from tests.mock_openai import MockOpenAI
 
@@ -170,3 +172,28 @@ async def test_purge_refused_when_cache_is_off(config_text: str) -> None:
     async with app.lifespan(None), Client(app, ADMIN) as admin:  # type: ignore[arg-type]
         r = await admin.post("/admin/cache/purge", json={})
     assert r.status_code == 400 and r.json()["error"]["code"] == "cache_disabled"
+
+
+async def test_a_request_sets_its_entrys_ttl_within_the_bound(gw: Any, mock: MockOpenAI) -> None:
+    short = {"x-gateway-cache-ttl": "0.3"}
+    assert (await ask(gw, headers=short, temperature=0)).headers["x-cache"] == "miss"
+    assert (await ask(gw, temperature=0)).headers["x-cache"] == "hit"
+    await anyio.sleep(0.4)
+    assert (await ask(gw, temperature=0)).headers["x-cache"] == "miss"  # stored for 60 s this time
+    for bad in ("0", "-1", "abc", "nan", "inf", "86401"):
+        r = await ask(gw, headers={"x-gateway-cache-ttl": bad}, temperature=0)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x-gateway-cache-ttl"
+    assert len(mock.requests) == 2  # refused requests never went upstream
+
+
+async def test_store_outage_closed_answers_503_and_open_serves_uncached(gw: Any, mock: MockOpenAI) -> None:
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("redis script failed: ConnectionError")
+
+    gw.store.run = down
+    served = await ask(gw, temperature=0)
+    assert served.status_code == 200 and served.headers["x-cache"] == "miss"
+    gw.cache.outage = "closed"
+    refused = await ask(gw, temperature=0)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "cache_unavailable"
+    assert (await ask(gw, temperature=0.5)).status_code == 200  # not cacheable: no lookup to fail
