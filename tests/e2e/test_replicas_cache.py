@@ -109,3 +109,33 @@ def test_leader_replica_dies_and_a_follower_on_the_other_takes_over(
     assert {r.json()["choices"][0]["message"]["content"] for r in answers} == {f"echo: {content}"}
     assert sorted(r.headers["x-cache"] for r in answers) == ["hit"] * 3 + ["miss"]
     assert len(mock_upstream.requests) == 2
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_redis_killed_mid_run(
+    gateway_factory: Any, mock_upstream: MockOpenAI, spawn_redis: Any, policy: str
+) -> None:
+    server = spawn_redis()
+    config = default_config(mock_upstream, store_url=server.url)
+    config["store"] = {"url": server.url, "timeout_s": 0.5, "outage": {"cache": policy}}
+    config["cache"] = {"enabled": True, "ttl_s": 60}
+    a, b = gateway_factory(config), gateway_factory(config)
+    with a.http(api_key=TEAM_A_KEY, timeout=10) as ca, b.http(api_key=TEAM_A_KEY, timeout=10) as cb:
+        assert ca.post("/v1/chat/completions", json=BODY).headers["x-cache"] == "miss"
+        server.stop()
+        started = time.monotonic()
+        during = [c.post("/v1/chat/completions", json=BODY) for c in (ca, cb, ca, cb)]
+        assert time.monotonic() - started < 8  # each bounded by the store timeout, none hangs
+        if policy == "open":
+            assert [(r.status_code, r.headers["x-cache"]) for r in during] == [(200, "miss")] * 4
+        else:
+            assert [r.status_code for r in during] == [503] * 4
+            assert during[0].json()["error"]["code"] == "cache_unavailable"
+        server.start()  # empty: the entry is gone with the old server
+        answers = []
+        for _ in range(50):  # the next request fills it, then both replicas hit
+            answers.append(cb.post("/v1/chat/completions", json=BODY).headers["x-cache"])
+            if answers[-2:] == ["miss", "hit"] or answers[-1:] == ["hit"]:
+                break
+            time.sleep(0.02)
+        assert answers[-1] == "hit" and ca.post("/v1/chat/completions", json=BODY).headers["x-cache"] == "hit"
