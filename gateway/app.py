@@ -172,6 +172,7 @@ class Snapshot:
             *self.admin.routes(),
             StarletteRoute("/healthz", self.healthz),
             StarletteRoute("/health/providers", self.health_providers),
+            StarletteRoute("/health/store", self.health_store),
             StarletteRoute("/readyz", self.readyz),
             StarletteRoute("/v1/models", self.list_models),
             StarletteRoute("/v1/models/{model:path}", self.get_model),
@@ -272,6 +273,26 @@ class Snapshot:
         except StoreError as exc:
             return error_response(ServiceUnavailable(f"store unreachable: {exc}"))
         return JSONResponse({"status": "ready", "models": len(self.routes)})
+
+    async def health_store(self, request: Request) -> Response:
+        """Whether the store answers, the outage policy, and how many requests were decided without it."""
+        try:
+            await self.store.ping()
+            error = None
+        except StoreError as exc:
+            error = str(exc)
+        outage = self.config.store.outage
+        return JSONResponse(
+            {
+                "reachable": error is None,
+                "error": error,
+                "outage_policy": {"limits": outage.limits, "cache": outage.cache},
+                "decided_without_store": {
+                    "limits": self.limiter.without_store,
+                    "cache": self.cache.without_store if self.cache is not None else 0,
+                },
+            }
+        )
 
     async def health_providers(self, request: Request) -> Response:
         """Per deployment: breaker state and window, last error (no secrets), latency EWMA."""

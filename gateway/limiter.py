@@ -98,7 +98,8 @@ class Limiter:
         self.outage = outage
         self._local = Local()
         self._settling = Batch(store)
-        self._logged = 0.0
+        self._logged = -_LOG_EVERY_S
+        self.without_store = 0  # requests decided while the store was unreachable (GET /health/store)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (the limiter lives as long as its config)
     def specs(self, key_id: str, limits: Limits, alias: str, model_limits: Limits | None) -> tuple[Spec, ...]:
@@ -245,11 +246,12 @@ class Limiter:
         return admission
 
     def _log_outage(self, exc: StoreError) -> None:
+        self.without_store += 1
         now = time.monotonic()
         if now - self._logged >= _LOG_EVERY_S:
             self._logged = now
             policy = "counting on this replica alone" if self.outage == "open" else "refusing with 503"
-            log.error("limits: store unreachable, %s: %s", policy, exc)
+            log.error("limits: store unreachable, %s (%d so far): %s", policy, self.without_store, exc)
 
 
 class Batch:

@@ -53,6 +53,7 @@ log = logging.getLogger("gateway.cache")
 
 GENERATIONS = "gw:{cache}:gen"
 EVENTS = "gw:{cache}:events"
+_LOG_EVERY_S = 10.0
 _UNKEYED = frozenset({"user", "stream", "stream_options"})
 
 
@@ -98,6 +99,8 @@ class ResponseCache:
         self.store = store
         self.always = always  # cache.mode: always (else temperature 0 only)
         self.outage = outage  # store down: "open" serves uncached, "closed" answers 503
+        self.without_store = 0  # lookups that failed for want of the store (GET /health/store)
+        self._logged = -_LOG_EVERY_S
         self.ttl_s = ttl_s
         self.max_ttl_s = max(max_ttl_s, ttl_s)
         self.max_entry_bytes = max_entry_bytes
@@ -201,6 +204,15 @@ class ResponseCache:
             return b"miss", None, ""
         return reply[0], None, token if reply[0] == b"lead" else reply[1].decode()
 
+    def outage_seen(self, exc: StoreError) -> None:
+        """Count a lookup the store failed; log it once per interval, not once per request."""
+        self.without_store += 1
+        now = time.monotonic()
+        if now - self._logged >= _LOG_EVERY_S:
+            self._logged = now
+            policy = "serving uncached" if self.outage == "open" else "refusing with 503"
+            log.error("cache: store unreachable, %s (%d so far): %s", policy, self.without_store, exc)
+
     def abandon(self, lookup: Lookup) -> None:
         """Give back a lock the lookup took for a request that will not go upstream after all."""
         if lookup.reply is not None and lookup.reply[0] == b"lead":
@@ -287,14 +299,13 @@ class CacheMiddleware:
             try:
                 reply = await self.cache.store.run(*lookup.call)
             except StoreError as exc:
+                self.cache.outage_seen(exc)
                 if self.cache.outage == "closed":
-                    log.error("cache: store unreachable, refusing (store.outage.cache: closed): %s", exc)
                     unavailable = ServiceUnavailable(
                         "The response cache is unavailable; try again shortly.", code="cache_unavailable"
                     )
                     await ctx.send_error(send, unavailable)
                     return
-                log.warning("cache: lookup failed, serving uncached: %s", exc)
                 await self.produce(scope, receive, send, ctx, lookup.key, None)
                 return
         await self.coalesce(scope, receive, send, ctx, lookup.key, self.cache.outcome(reply, lookup.token))

@@ -197,3 +197,5 @@ async def test_store_outage_closed_answers_503_and_open_serves_uncached(gw: Any,
     refused = await ask(gw, temperature=0)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "cache_unavailable"
     assert (await ask(gw, temperature=0.5)).status_code == 200  # not cacheable: no lookup to fail
+    async with Client(gw) as c:
+        assert (await c.get("/health/store")).json()["decided_without_store"] == {"limits": 0, "cache": 2}
