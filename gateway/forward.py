@@ -21,7 +21,6 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
 
 from gateway.breaker import Admission, Breakers, Outcome
 from gateway.context import RequestContext
@@ -38,6 +37,7 @@ from gateway.errors import (
 from gateway.limiter import Limiter
 from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
 from gateway.router import Route, Router
+from gateway.tasks import Disconnect
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamResponse
 from gateway.usage import UsageRecorder, find_usage
@@ -124,33 +124,12 @@ class Forward:
             await ctx.send_error(send, exc)
             return
 
-        # Watch for the client going away while we wait on the upstream or stream to it.
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.ensure_future(receive())
-        state = {"active": True, "gone": False}
-
-        def on_message(fut: asyncio.Future[Any]) -> None:
-            if (
-                state["active"]
-                and not fut.cancelled()
-                and fut.exception() is None
-                and fut.result()["type"] == "http.disconnect"
-            ):
-                state["gone"] = True
-                task.cancel()
-
-        watcher.add_done_callback(on_message)
         plan, counted = await self.router.acquire(ctx.model, plan)
         try:
-            await self.exchange(ctx, plan, send)
-        except asyncio.CancelledError:
-            if not state["gone"]:
-                raise
-            task.uncancel()
+            # A client going away while we wait on the upstream or stream to it ends the exchange.
+            with Disconnect(receive):
+                await self.exchange(ctx, plan, send)
         finally:
-            state["active"] = False
-            watcher.cancel()
             if counted is not None:
                 await self.router.release(counted)
 

@@ -31,7 +31,6 @@ Keys, all under the `{cache}` hash tag (one slot, so a script may use several):
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import logging
@@ -46,7 +45,7 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
 from gateway.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
 from gateway.store import Call, Store, StoreError, Subscription
-from gateway.tasks import Background
+from gateway.tasks import Background, Disconnect
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway.cache")
@@ -387,33 +386,12 @@ class CacheMiddleware:
 
     async def follow(self, ctx: RequestContext, receive: Receive, send: Send, follow: Follow) -> bool:
         """`relay`, ended when the client goes away: it would otherwise wait on the flight for nobody."""
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.ensure_future(receive())
-        state = {"active": True, "gone": False}
-
-        def on_message(fut: asyncio.Future[Message]) -> None:
-            if (
-                state["active"]
-                and not fut.cancelled()
-                and fut.exception() is None
-                and fut.result()["type"] == "http.disconnect"
-            ):
-                state["gone"] = True
-                task.cancel()
-
-        watcher.add_done_callback(on_message)
         try:
-            return await self.relay(ctx, follow, send)
-        except asyncio.CancelledError:
-            if not state["gone"]:
-                raise
-            task.uncancel()
-            ctx.complete = False
+            with Disconnect(receive):
+                return await self.relay(ctx, follow, send)
+            ctx.complete = False  # reached only when the client left mid-relay
             return True
         finally:
-            state["active"] = False
-            watcher.cancel()
             follow.close()
 
     async def relay(self, ctx: RequestContext, follow: Follow, send: Send) -> bool:
