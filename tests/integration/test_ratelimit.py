@@ -37,7 +37,9 @@ async def test_rpm_counts_down_then_429_with_retry_after(gw: Any, mock: MockOpen
             assert r.headers["x-ratelimit-limit-tokens"] == "100000"
         assert remaining == ["2", "1", "0"]
         r = await c.chat()
-    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 63  # window + one 3 s bucket
+    # The first request's bucket leaves the span a window after that bucket ends: about 60-63 s on.
+    assert r.status_code == 429 and int(r.headers["retry-after"]) in (60, 61, 62, 63)
+    assert 59_000 < int(r.headers["retry-after-ms"]) <= 63_000  # (the test takes well under 1 s)
     err = r.json()["error"]
     assert err["code"] == "rate_limit_exceeded" and "requests per minute (rpm)" in err["message"]
     assert len(mock.requests) == 3  # the refused request never reached upstream
@@ -103,7 +105,7 @@ async def test_a_deployment_over_its_quota_is_skipped_then_every_one_full_is_429
     ]
     error = answers[3].json()["error"]
     assert error["code"] == "deployment_quota_exceeded" and "`quota`" in error["message"]
-    assert 1 <= int(answers[3].headers["retry-after"]) <= 63
+    assert int(answers[3].headers["retry-after"]) in (60, 61, 62, 63)  # the window + what is left of a bucket
     assert [r.json()["model"] for r in mock.requests] == ["mock-east", "mock-east", "mock-west"]
 
 
