@@ -143,8 +143,9 @@ class Limiter:
             alternatives.append(route)
         if not required and not alternatives:
             return None
-        tokens, cost = self._estimate(ctx)
-        admission = Admission(lease_member() if any(s.kind == LEASE for s in required) else "", tokens, cost)
+        admission = Admission(lease_member() if any(s.kind == LEASE for s in required) else "", 0, 0)
+        if _counts_usage(required) or any(_counts_usage(r.quota) for r in alternatives):
+            admission.tokens, admission.cost = self._estimate(ctx)  # serialises the prompt: only when needed
         args: list[str | int | bytes] = [admission.member, len(alternatives), free]
         for group, specs in enumerate((required, *(r.quota for r in alternatives))):
             for spec in specs:
@@ -180,9 +181,10 @@ class Limiter:
     async def charge(self, ctx: RequestContext, route: Route) -> bool:
         """Pay `route`'s quota for another attempt; False when it has no room (try the next one)."""
         if ctx.admission is None:
-            tokens, cost = self._estimate(ctx)
-            ctx.admission = Admission("", tokens, cost)
+            ctx.admission = Admission("", 0, 0)
         admission = ctx.admission
+        if not admission.tokens and _counts_usage(route.quota):
+            admission.tokens, admission.cost = self._estimate(ctx)
         args: list[str | int | bytes] = ["", 0, 0]
         for spec in route.quota:
             args += spec.args(0, self._amount(spec, admission))
@@ -326,6 +328,11 @@ class Local:
         name = self._leases.pop(member, None)
         if name is not None:
             self._held[name] -= 1
+
+
+def _counts_usage(specs: tuple[Spec, ...]) -> bool:
+    """Whether any of `specs` is charged tokens or cost (then the request's estimate is needed)."""
+    return any(spec.counts != REQUESTS for spec in specs)
 
 
 def _headers(specs: tuple[Spec, ...], reply: list[int]) -> list[tuple[bytes, bytes]]:
