@@ -324,30 +324,16 @@ def parse_args() -> argparse.Namespace:
         help="bash command, run from the repo root; {config} and {port} are filled in; "
         "pin it to CPU 0 yourself (default: %(default)s)",
     )
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        default=env("BENCH_QUICK", "0") not in ("", "0"),
-        help="smoke run: 1 round, 1 s warm-up, 2 s per scenario",
-    )
-    ap.add_argument(
-        "--providers",
-        action="store_true",
-        default=env("BENCH_PROVIDERS", "0") not in ("", "0"),
-        help="instead of the suite: 50-chunk streams through one alias per provider (translation cost)",
-    )
-    ap.add_argument(
-        "--failover",
-        action="store_true",
-        default=env("BENCH_FAILOVER", "0") not in ("", "0"),
-        help="instead of the suite: one of two deployments down for 10 s under steady load (~1 min)",
-    )
-    ap.add_argument(
-        "--redis",
-        action="store_true",
-        default=env("BENCH_REDIS", "0") not in ("", "0"),
-        help="instead of the suite: the full stack (limits, quota, cache) on a real redis-server",
-    )
+
+    def flag(name: str, help: str) -> None:
+        """An on/off option, also on when BENCH_<NAME> is set to anything but 0."""
+        on = env("BENCH_" + name.upper(), "0") not in ("", "0")
+        ap.add_argument(f"--{name}", action="store_true", default=on, help=help)
+
+    flag("quick", "smoke run: 1 round, 1 s warm-up, 2 s per scenario")
+    flag("providers", "instead of the suite: 50-chunk streams, one alias per provider (translation cost)")
+    flag("failover", "instead of the suite: one of two deployments down for 10 s under steady load (~1 min)")
+    flag("redis", "instead of the suite: the full stack (limits, quota, cache) on a real redis-server")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 2.0
