@@ -9,10 +9,10 @@ import asyncio
 import time
 from typing import Any
 
+from gateway.auth.keys import KeyStore
+from gateway.auth.middleware import AuthMiddleware
 from gateway.config import KeyConfig
 from gateway.context import RequestContext
-from gateway.keys import KeyStore
-from gateway.middleware.auth import AuthMiddleware
 from gateway.store import MemoryStore
 
 N = 100_000

@@ -17,7 +17,7 @@ import bisect
 import random
 from collections.abc import Callable, Iterator
 
-from gateway.limits import ADMIT, MINUTE_BUCKET_MS, MINUTE_MS, PREFIX, REQUESTS, SLIDING, Spec
+from gateway.limits.specs import ADMIT, MINUTE_BUCKET_MS, MINUTE_MS, PREFIX, REQUESTS, SLIDING, Spec
 from gateway.store import MemoryStore
 
 Pattern = Callable[[random.Random, float], Iterator[float]]

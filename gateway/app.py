@@ -26,29 +26,29 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
 from gateway import config as config_module
-from gateway import logs
-from gateway.admin import AdminAPI
-from gateway.breaker import Breakers
+from gateway.admin.api import AdminAPI
+from gateway.auth.jwt import JWTVerifier, KeyLoadError
+from gateway.auth.keys import KeyStore
+from gateway.auth.middleware import AuthMiddleware
+from gateway.cache.middleware import CacheMiddleware, ResponseCache
 from gateway.config import Config
 from gateway.errors import MethodNotAllowed, NotFound, ServerError, ServiceUnavailable, error_response
-from gateway.forward import Forward
-from gateway.jwt import JWTVerifier, KeyLoadError
-from gateway.keys import KeyStore
-from gateway.limiter import Limiter
-from gateway.middleware.access_log import AccessLogMiddleware
-from gateway.middleware.auth import AuthMiddleware
-from gateway.middleware.body import BodyMiddleware
-from gateway.middleware.cache import CacheMiddleware, ResponseCache
-from gateway.middleware.ratelimit import RateLimitMiddleware
-from gateway.middleware.request_id import RequestIdMiddleware
-from gateway.probes import Prober
+from gateway.limits.limiter import Limiter
+from gateway.limits.middleware import RateLimitMiddleware
+from gateway.limits.usage import UsageRecorder
 from gateway.providers import Operation, Target, build_adapter
-from gateway.router import Alias, Route, Router
+from gateway.routing.breaker import Breakers
+from gateway.routing.forward import Forward
+from gateway.routing.probes import Prober
+from gateway.routing.router import Alias, Route, Router
 from gateway.store import Store, StoreError, Subscription, store_from_url
 from gateway.tasks import Background
+from gateway.telemetry import logs
+from gateway.telemetry.access_log import AccessLogMiddleware
+from gateway.telemetry.request_id import RequestIdMiddleware
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
-from gateway.usage import UsageRecorder
+from gateway.validation.middleware import BodyMiddleware
 
 log = logging.getLogger("gateway")
 

@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway import admin_cli
 from gateway import config as config_module
+from gateway.admin import cli as admin_cli
 
 
 def _load(path: str, *, warn: bool = True) -> config_module.Config | None:

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from gateway.breaker import BreakerSettings
-from gateway.jwt import JWTIssuer
+from gateway.auth.jwt import JWTIssuer
 from gateway.providers import KINDS, AnyProvider, ProviderConfig
+from gateway.routing.breaker import BreakerSettings
 
 log = logging.getLogger("gateway.config")
 

@@ -8,11 +8,11 @@ from gateway.errors import GatewayError
 from gateway.types import Send
 
 if TYPE_CHECKING:
-    from gateway.keys import Policy
-    from gateway.limiter import Admission
-    from gateway.middleware.cache import Lookup
+    from gateway.auth.keys import Policy
+    from gateway.cache.middleware import Lookup
+    from gateway.limits.limiter import Admission
     from gateway.providers import Operation
-    from gateway.router import Route
+    from gateway.routing.router import Route
 
 
 class RequestContext:

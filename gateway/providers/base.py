@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import orjson
 
-from gateway.usage import find_usage
+from gateway.limits.usage import find_usage
 
 
 class Operation(enum.Enum):

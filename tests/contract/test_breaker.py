@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from gateway.breaker import PROBE, Admission, Breakers, BreakerSettings, Outcome
+from gateway.routing.breaker import PROBE, Admission, Breakers, BreakerSettings, Outcome
 from gateway.store import Store
 
 from . import all_stores, eventually

@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.limits import (
+from gateway.limits.specs import (
     ADMIT,
     CALENDAR,
     DAY_MS,

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway import build_app, parse
-from gateway.coalesce import Flight
+from gateway.cache.coalesce import Flight
 from gateway.types import Message, Receive, Scope, Send
 from tests.integration.conftest import KEY_A, Client
 from tests.mock_openai import MockOpenAI

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from gateway import build_app, parse
-from gateway.limiter import Limiter
-from gateway.limits import estimate
-from gateway.usage import UsageRecorder
+from gateway.limits.limiter import Limiter
+from gateway.limits.specs import estimate
+from gateway.limits.usage import UsageRecorder
 from tests.integration.conftest import KEY_A, Client
 from tests.mock_anthropic import MockAnthropic
 from tests.mock_azure import MockAzure

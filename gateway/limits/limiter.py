@@ -1,0 +1,377 @@
+"""A request's admission: the limits that apply, one script run, the 429, and the settling after.
+
+`admit` gathers the key's limits, the key's limits on the model and the quotas
+of the model's deployments up to the first one without a quota (the router's
+order; deployments whose breaker is open are left out), and runs the ADMIT
+script once. `charge` pays a deployment's quota when a failed attempt moves on
+to it. `settle`, after the answer went out, corrects the tokens and cost to the
+real usage and releases the concurrency lease, in one more script run.
+
+Store down: `store.outage.limits: open` (the default) serves and counts rpm, tpm,
+rpd and concurrency on this replica alone (the `limits` library's sliding-window
+counter), so each replica enforces the whole limit by itself until the store is
+back; budgets are not enforced meanwhile. `closed` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+from limits import RateLimitItemPerDay, RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
+
+from gateway.config import Limits
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.limits.specs import (
+    ADMIT,
+    CORRECT,
+    COST,
+    DEFAULT_COMPLETION_TOKENS,
+    LEASE,
+    NANO_USD_PER_MTOK,
+    PREFIX,
+    RELEASE,
+    REQUESTS,
+    SETTLE,
+    TOKENS,
+    Spec,
+    counter_of,
+    estimate,
+    lease_member,
+    reason,
+    specs_of,
+)
+from gateway.store import Store, StoreError
+from gateway.tasks import Background
+
+if TYPE_CHECKING:
+    from gateway.auth.keys import Policy
+    from gateway.cache.middleware import Lookup
+    from gateway.context import RequestContext
+    from gateway.routing.breaker import Breakers
+    from gateway.routing.router import Route
+
+log = logging.getLogger("gateway.limiter")
+_LOG_EVERY_S = 10.0
+_HEADER_KIND = {REQUESTS: b"requests", TOKENS: b"tokens"}
+
+
+class Admission:
+    """What a request was charged, for `settle`."""
+
+    __slots__ = ("charges", "cost", "lease", "local", "member", "prepaid", "skipped", "tokens")
+
+    def __init__(self, member: str, tokens: int, cost: int) -> None:
+        self.member = member
+        self.tokens = tokens  # the estimate charged to token limits
+        self.cost = cost  # the estimate charged to budgets, nano-USD
+        self.charges: list[tuple[Spec, int, int, Route | None]] = []  # spec, now ms, amount, deployment
+        self.lease: Spec | None = None
+        self.prepaid: Route | None = None  # its quota is paid for the first attempt
+        self.skipped: tuple[Route, ...] = ()  # over their quota: the router must not try them
+        self.local = False  # admitted on this replica's own counts (store down)
+
+
+class Limiter:
+    def __init__(
+        self,
+        store: Store,
+        breakers: Breakers,
+        prices: Mapping[str, tuple[float, float]],
+        completion_estimates: Mapping[str, int],
+        *,
+        lease_s: float,
+        outage: Literal["open", "closed"] = "open",
+    ) -> None:
+        self.store = store
+        self.breakers = breakers
+        self.prices = prices  # alias -> USD per million prompt / completion tokens
+        self.completion_estimates = completion_estimates  # alias -> tokens when max_tokens is unset
+        self.lease_ms = math.ceil(lease_s * 1000)
+        self.outage = outage
+        self._local = Local()
+        self._settling = Batch(store)
+        self._logged = -_LOG_EVERY_S
+        self.without_store = 0  # requests decided while the store was unreachable (GET /health/store)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (the limiter lives as long as its config)
+    def specs(self, key_id: str, limits: Limits, alias: str, model_limits: Limits | None) -> tuple[Spec, ...]:
+        found = specs_of(limits, f"k:{key_id}", "this key", self.lease_ms)
+        if model_limits:
+            scope = f"this key for `{alias}`"
+            # One lease per request: a concurrency cap is the key's (config refuses it per model).
+            per_model = specs_of(model_limits, f"k:{key_id}:m:{alias}", scope, 0)
+            found += tuple(s for s in per_model if s.kind != LEASE)
+        return found
+
+    def _estimate(self, ctx: RequestContext) -> tuple[int, int]:
+        prompt, completion = estimate(
+            ctx.body, self.completion_estimates.get(ctx.model, DEFAULT_COMPLETION_TOKENS)
+        )
+        return prompt + completion, self.cost(ctx.model, prompt, completion)
+
+    def cost(self, alias: str, prompt: int, completion: int) -> int:
+        price_in, price_out = self.prices.get(alias, (0.0, 0.0))
+        return math.ceil((prompt * price_in + completion * price_out) * NANO_USD_PER_MTOK)
+
+    async def admit(
+        self, ctx: RequestContext, plan: list[Route], lookup: Lookup | None = None
+    ) -> Admission | None:
+        """Charge every limit of the request or raise the 429 naming the one that said no.
+
+        Returns None when nothing limits this request. Sets the x-ratelimit-* headers.
+        A cache `lookup` to run goes in the same round trip; its reply lands in `lookup.reply`.
+        """
+        policy: Policy | None = ctx.policy
+        assert policy is not None
+        required = self.specs(policy.key_id, policy.limits, ctx.model, policy.model_limits.get(ctx.model))
+        alternatives: list[Route] = []
+        free = 0
+        for route in plan:
+            if self.breakers.rejects(route.id):
+                continue
+            if not route.quota:
+                free = 1
+                break
+            alternatives.append(route)
+        if not required and not alternatives:
+            return None
+        admission = Admission(lease_member() if any(s.kind == LEASE for s in required) else "", 0, 0)
+        if _counts_usage(required) or any(_counts_usage(r.quota) for r in alternatives):
+            admission.tokens, admission.cost = self._estimate(ctx)  # serialises the prompt: only when needed
+        args: list[str | int | bytes] = [admission.member, len(alternatives), free]
+        for group, specs in enumerate((required, *(r.quota for r in alternatives))):
+            for spec in specs:
+                args += spec.args(group, self._amount(spec, admission))
+        try:
+            if lookup is not None and lookup.call is not None:
+                reply, claimed = await self.store.run_many([(ADMIT, [PREFIX], args), lookup.call])
+                if not isinstance(claimed, StoreError):  # else the cache tries on its own
+                    lookup.reply = claimed
+            else:
+                reply = await self.store.run(ADMIT, [PREFIX], args)
+        except StoreError as exc:
+            return self._without_store(ctx, required, admission, exc)
+        if isinstance(reply, StoreError):
+            return self._without_store(ctx, required, admission, reply)
+        admitted, refused, reset_ms, chosen, now = (int(x) for x in reply[:5])
+        ctx.extra_headers += _headers(required, [int(x) for x in reply[5:]])
+        if not admitted:
+            every = [*required, *(s for r in alternatives for s in r.quota)]
+            raise _refusal(every[refused - 1], reset_ms, refused > len(required), ctx.model)
+        admission.lease = next((s for s in required if s.kind == LEASE), None)
+        admission.charges += [(s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE]
+        if chosen:
+            route = alternatives[chosen - 1]
+            admission.prepaid = route
+            admission.charges += [(s, now, self._amount(s, admission), route) for s in route.quota]
+        admission.skipped = tuple(alternatives[: chosen - 1] if chosen else alternatives)
+        return admission
+
+    def _amount(self, spec: Spec, admission: Admission) -> int:
+        return admission.tokens if spec.counts == TOKENS else admission.cost if spec.counts == COST else 1
+
+    async def charge(self, ctx: RequestContext, route: Route) -> bool:
+        """Pay `route`'s quota for another attempt; False when it has no room (try the next one)."""
+        if ctx.admission is None:
+            ctx.admission = Admission("", 0, 0)
+        admission = ctx.admission
+        if not admission.tokens and _counts_usage(route.quota):
+            admission.tokens, admission.cost = self._estimate(ctx)
+        args: list[str | int | bytes] = ["", 0, 0]
+        for spec in route.quota:
+            args += spec.args(0, self._amount(spec, admission))
+        try:
+            reply = await self.store.run(ADMIT, [PREFIX], args)
+        except StoreError as exc:
+            self._log_outage(exc)
+            return self.outage == "open"
+        if not int(reply[0]):
+            return False
+        now = int(reply[4])
+        admission.charges += [(s, now, self._amount(s, admission), route) for s in route.quota]
+        return True
+
+    async def settle(self, ctx: RequestContext) -> None:
+        """Correct the estimates to what the answer used and release the lease."""
+        admission = ctx.admission
+        assert admission is not None
+        hit = ctx.cache == b"hit"
+        usage = ctx.usage if ctx.status == 200 and not hit else (0, 0)
+        capped = usage is None and ctx.streamed is not None
+        if capped:
+            # A stream cut short before its usage: the prompt, and about a token per event relayed.
+            usage = (estimate(ctx.body)[0], ctx.streamed or 0)
+        args: list[str | int | bytes] = []
+        if admission.lease is not None:
+            args += [RELEASE, admission.lease.name, admission.member]
+        for spec, now, amount, route in admission.charges:
+            if spec.counts == REQUESTS:
+                actual = 0 if hit and route is not None else amount  # a hit never reached the deployment
+            elif usage is None:
+                continue  # no usage reported (a stream cut short): the estimate stands
+            elif route is not None and route.id != ctx.deployment:
+                actual = 0  # a failed attempt's deployment produced no tokens
+            elif spec.counts == TOKENS:
+                actual = usage[0] + usage[1]
+            else:
+                actual = self.cost(ctx.model, *usage)
+            if capped:
+                actual = min(actual, amount)
+            if actual != amount:
+                args += [CORRECT, counter_of(spec, now), actual - amount]
+        if admission.local:
+            self._local.release(admission.member)
+        elif args:  # nothing to correct and no lease: no round trip
+            await self._settling.add(args)
+
+    def _without_store(
+        self, ctx: RequestContext, required: tuple[Spec, ...], admission: Admission, exc: StoreError
+    ) -> Admission | None:
+        self._log_outage(exc)
+        if self.outage == "closed":
+            raise ServiceUnavailable(
+                "Rate limits cannot be checked right now (store unreachable); try again shortly.",
+                code="limits_unavailable",
+            )
+        refused = self._local.admit(required, admission)
+        if refused is not None:
+            raise _refusal(refused, 1000, False, ctx.model)
+        admission.local = True
+        return admission
+
+    def _log_outage(self, exc: StoreError) -> None:
+        self.without_store += 1
+        now = time.monotonic()
+        if now - self._logged >= _LOG_EVERY_S:
+            self._logged = now
+            policy = "counting on this replica alone" if self.outage == "open" else "refusing with 503"
+            log.error("limits: store unreachable, %s (%d so far): %s", policy, self.without_store, exc)
+
+
+class Batch:
+    """Settlements that arrive while one is on its way to the store go together, in one SETTLE.
+
+    Nothing waits to fill a batch: at low load each goes at once; under load the
+    round trips per request fall with the queue.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: list[tuple[list[str | int | bytes], asyncio.Future[None]]] = []
+        self._draining = False
+        self._background = Background()
+
+    async def add(self, args: list[str | int | bytes]) -> None:
+        """Queue `args` and wait until they were applied (or failed: logged, the estimates stand)."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append((args, done))
+        if not self._draining:
+            self._draining = True
+            self._background.spawn(self._drain())
+        await asyncio.shield(done)  # a cancelled request must not cancel the others' batch
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self.store.run(SETTLE, [PREFIX], [a for args, _ in batch for a in args])
+                except StoreError as exc:
+                    log.warning("limits of %d requests not settled (estimates stand): %s", len(batch), exc)
+                for _, done in batch:
+                    done.set_result(None)
+        finally:
+            self._draining = False
+
+
+class Local:
+    """This replica's own counts while the store is down (the `limits` library's sliding window)."""
+
+    def __init__(self) -> None:
+        self._window = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._leases: dict[str, str] = {}  # member -> lease name
+        self._held: dict[str, int] = {}
+
+    def admit(self, specs: tuple[Spec, ...], admission: Admission) -> Spec | None:
+        """Refusing limit, or None with every local counter charged (all or none: no await between)."""
+        checks = []
+        for spec in specs:
+            if spec.kind == LEASE:
+                if self._held.get(spec.name, 0) >= spec.limit:
+                    return spec
+                continue
+            if spec.counts == COST:
+                continue  # spend is not known without the store
+            item = (RateLimitItemPerDay if spec.window_ms > 60_000 else RateLimitItemPerMinute)(spec.limit)
+            amount = admission.tokens if spec.counts == TOKENS else 1
+            if amount and not self._window.test(item, spec.name, cost=amount):
+                return spec
+            checks.append((item, spec.name, amount))
+        for item, name, amount in checks:
+            if amount:
+                self._window.hit(item, name, cost=amount)
+        lease = next((s for s in specs if s.kind == LEASE), None)
+        if lease is not None:
+            self._held[lease.name] = self._held.get(lease.name, 0) + 1
+            self._leases[admission.member] = lease.name
+        return None
+
+    def release(self, member: str) -> None:
+        name = self._leases.pop(member, None)
+        if name is not None:
+            self._held[name] -= 1
+
+
+def _counts_usage(specs: tuple[Spec, ...]) -> bool:
+    """Whether any of `specs` is charged tokens or cost (then the request's estimate is needed)."""
+    return any(spec.counts != REQUESTS for spec in specs)
+
+
+def _headers(specs: tuple[Spec, ...], reply: list[int]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* trio for requests and for tokens: the limit with least room left."""
+    tightest: dict[int, tuple[int, int, int]] = {}
+    for index, spec in enumerate(specs):
+        if spec.kind == LEASE or spec.counts == COST:
+            continue
+        remaining, reset = reply[2 * index], reply[2 * index + 1]
+        if spec.counts not in tightest or remaining < tightest[spec.counts][1]:
+            tightest[spec.counts] = (spec.limit, remaining, reset)
+    headers = []
+    for counts, (limit, remaining, reset) in sorted(tightest.items()):
+        kind = _HEADER_KIND[counts]
+        headers += [
+            (b"x-ratelimit-limit-" + kind, b"%d" % limit),
+            (b"x-ratelimit-remaining-" + kind, b"%d" % remaining),
+            (b"x-ratelimit-reset-" + kind, b"%.3fs" % (reset / 1000)),
+        ]
+    return headers
+
+
+def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str) -> RateLimited:
+    wait = max(1, math.ceil(reset_ms / 1000))
+    headers = [(b"retry-after", b"%d" % wait), (b"retry-after-ms", b"%d" % reset_ms)]
+    if deployments:
+        return RateLimited(
+            f"Every deployment of model `{alias}` is at its quota ({reason(spec)}). "
+            f"Please try again in {reset_ms / 1000:.1f}s.",
+            code="deployment_quota_exceeded",
+            headers=headers,
+        )
+    if spec.counts == COST:
+        return QuotaExceeded(
+            f"Budget of ${spec.limit / 1e9:g} reached on {spec.scope}; it resets in {reset_ms / 1000:.0f}s.",
+            headers=headers,
+        )
+    if spec.kind == LEASE:
+        message = f"Too many {reason(spec)}: {spec.limit} already in flight. Retry when one has finished."
+    else:
+        message = f"Rate limit reached for {reason(spec)}: limit {spec.limit}."
+    return RateLimited(f"{message} Please try again in {reset_ms / 1000:.1f}s.", headers=headers)

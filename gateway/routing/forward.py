@@ -1,0 +1,338 @@
+"""The thin forwarding app: alias -> plan of deployments -> upstream call -> response relayed as it comes.
+
+One path serves every operation. The client's headers are not forwarded (the
+provider's own credential and a JSON content type are all an upstream needs),
+so client credentials and hop-by-hop headers cannot leak; the upstream URL comes
+from config alone. Response bytes are relayed untouched (or translated by the
+adapter): a JSON answer in one piece, a stream chunk by chunk as read.
+
+Until the first byte goes to the client, a failed attempt (connect error,
+timeout, 429, 5xx) moves to the next deployment of the plan, or tries the same
+one again after a jittered backoff, within `router.retries` and the request's
+total deadline; a timed-out deployment is never tried twice. Deployments whose
+breaker is open are skipped. A client that disconnects cancels the upstream
+call at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+from gateway.context import RequestContext
+from gateway.errors import (
+    GatewayError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServiceUnavailable,
+    UnsupportedOperation,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.limits.limiter import Limiter
+from gateway.limits.usage import UsageRecorder, find_usage
+from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
+from gateway.routing.breaker import Admission, Breakers, Outcome
+from gateway.routing.router import Route, Router
+from gateway.tasks import Disconnect
+from gateway.types import Receive, Scope, Send
+from gateway.upstream import UpstreamResponse
+
+log = logging.getLogger("gateway.forward")
+
+# Upstream response headers worth relaying; the rest (hop-by-hop, cookies, the
+# provider account's own rate limits and organisation) stay behind.
+_RELAYED = frozenset({b"content-type", b"content-length", b"openai-processing-ms", b"openai-version"})
+_SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
+_ERROR_BODY_LIMIT = 65536
+_RETRY_HEADERS = frozenset({b"retry-after", b"retry-after-ms"})  # the SDKs honour both
+
+
+class Failed:
+    """An attempt's upstream error answer, kept in case it is the last one."""
+
+    __slots__ = ("body", "headers", "route", "status")
+
+    def __init__(self, route: Route, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.route = route
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class Forward:
+    def __init__(
+        self,
+        router: Router,
+        breakers: Breakers,
+        usage: UsageRecorder,
+        limiter: Limiter,
+        *,
+        retries: int,
+        total_s: float,
+        backoff_s: float,
+        backoff_max_s: float,
+        route_headers: bool = True,
+    ) -> None:
+        self.router = router
+        self.breakers = breakers
+        self.usage = usage
+        self.limiter = limiter
+        self.retries = retries
+        self.total_s = total_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.route_headers = route_headers
+
+    def resolve(self, ctx: RequestContext) -> list[Route]:
+        alias = ctx.model
+        if alias not in self.router.aliases or ctx.policy is None:
+            raise NotFound(
+                f"The model `{alias}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        if alias not in ctx.policy.models:
+            raise PermissionDenied(f"This API key is not allowed to use the model `{alias}`.", param="model")
+        op = ctx.operation
+        assert op is not None
+        needed = [OPERATION_CAPABILITY[op]]
+        if ctx.body.get("stream") is True:
+            needed.append(Capability.streaming)
+        if ctx.body.get("tools") or ctx.body.get("functions"):
+            needed.append(Capability.tools)
+        plan = self.router.plan(alias, needed)
+        if not plan:
+            first = self.router.aliases[alias].routes[0].adapter
+            lacking = next(c for c in needed if not first.config.supports(c))
+            raise UnsupportedOperation(
+                f"Provider '{first.name}' ({first.config.__struct_config__.tag}) behind model "
+                f"`{alias}` does not support {lacking.value}.",
+                param="model",
+            )
+        return plan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx: RequestContext = scope["gateway"]
+        try:
+            plan = ctx.plan or self.resolve(ctx)
+        except GatewayError as exc:
+            await ctx.send_error(send, exc)
+            return
+
+        plan, counted = await self.router.acquire(ctx.model, plan)
+        try:
+            # A client going away while we wait on the upstream or stream to it ends the exchange.
+            with Disconnect(receive):
+                await self.exchange(ctx, plan, send)
+        finally:
+            if counted is not None:
+                await self.router.release(counted)
+
+    async def exchange(self, ctx: RequestContext, plan: list[Route], send: Send) -> None:
+        op = ctx.operation
+        assert op is not None
+        deadline = ctx.started + self.total_s
+        attempts = 0
+        tried: set[Route] = set()
+        admission = ctx.admission
+        skip: set[Route] = set(admission.skipped) if admission is not None else set()  # timed out, no quota
+        last: GatewayError | Failed | None = None  # None: no deployment was even tried
+        index = 0
+        while attempts <= self.retries and time.perf_counter() < deadline:
+            route, probe = await self.next_route(plan, index, skip)
+            if route is None:
+                break
+            index = plan.index(route) + 1
+            if route.quota:
+                if admission is not None and admission.prepaid is route:
+                    admission.prepaid = None  # paid by the admission, for this first attempt
+                elif not await self.limiter.charge(ctx, route):
+                    skip.add(route)
+                    if attempts:
+                        continue  # the failure already met is the answer
+                    last = RateLimited(
+                        f"Every deployment of model `{ctx.model}` is at its quota; try again shortly.",
+                        code="deployment_quota_exceeded",
+                        headers=[(b"retry-after", b"1")],
+                    )
+                    continue
+                admission = ctx.admission
+            if route in tried:
+                # The same deployment again: back off (full jitter), within the deadline.
+                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)))
+                if time.perf_counter() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+            tried.add(route)
+            attempts += 1
+            ctx.deployment = route.id
+            adapter = route.adapter
+            try:
+                payload = adapter.encode_body(op, ctx.body, route.target)
+            except GatewayError as exc:
+                if attempts == 1:
+                    await ctx.send_error(send, exc)  # the client's request: no other deployment changes that
+                    return
+                last = exc
+                continue
+            sent = time.perf_counter()
+            try:
+                response = await route.pool.request(
+                    b"POST", adapter.target(op, route.target), adapter.request_headers, payload
+                )
+            except UpstreamError as exc:
+                log.warning("upstream %s failed: %s", route.id, exc.message)
+                self.breakers.note_error(route.id, exc.message)
+                self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
+                if isinstance(exc, UpstreamTimeout):
+                    skip.add(route)
+                last = exc
+                continue
+            waited = time.perf_counter() - sent
+            route.observe(waited)
+            try:
+                if response.status < 400:
+                    self.breakers.record(route.id, Outcome.SUCCESS, probe=probe)
+                    await self.relay(ctx, route, response, send, waited, attempts)
+                    return
+                failed = await self.read_error(route, response)
+            finally:
+                await response.aclose()
+            outcome = Outcome.of_status(failed.status)
+            self.breakers.record(route.id, outcome, probe=probe)
+            last = failed
+            if outcome is Outcome.CLIENT_ERROR:
+                break  # the request itself is wrong: another deployment would say the same
+            self.breakers.note_error(route.id, f"HTTP {failed.status}")
+        if isinstance(last, Failed):
+            await self.send_failed(ctx, last, send, attempts)
+            return
+        if last is None:
+            last = ServiceUnavailable(
+                f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
+                code="deployments_unavailable",
+            )
+        await ctx.send_error(send, last)
+
+    async def next_route(self, plan: list[Route], start: int, skip: set[Route]) -> tuple[Route | None, bool]:
+        """The next deployment from `start` (wrapping) that the breaker admits, and whether it is a probe."""
+        for offset in range(len(plan)):
+            route = plan[(start + offset) % len(plan)]
+            if route in skip:
+                continue
+            admission = await self.breakers.admit(route.id)
+            if admission is not Admission.REJECT:
+                return route, admission is Admission.PROBE
+        return None, False
+
+    def route_info(self, route: Route, attempts: int) -> list[tuple[bytes, bytes]]:
+        if not self.route_headers:
+            return []
+        return [(b"x-gateway-deployment", route.id.encode()), (b"x-gateway-attempts", b"%d" % attempts)]
+
+    async def relay(
+        self,
+        ctx: RequestContext,
+        route: Route,
+        response: UpstreamResponse,
+        send: Send,
+        waited: float,
+        attempts: int,
+    ) -> None:
+        op = ctx.operation
+        assert op is not None
+        adapter = route.adapter
+        headers = [(k, v) for k, v in response.headers if k in _RELAYED]
+        translator = adapter.stream_translator(op, ctx.body) if ctx.body.get("stream") is True else None
+        body = None
+        if translator is not None:
+            headers = list(_SSE_HEADERS)
+        elif adapter.translates or any(k == b"content-length" for k, _ in headers):
+            try:
+                body = await response.read()
+                if adapter.translates:  # may raise: a provider can report a failure inside a 200
+                    body = adapter.translate_response(op, ctx.body, body)
+                    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            except GatewayError as exc:
+                await ctx.send_error(send, exc)
+                return
+        overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
+        headers += ctx.headers()
+        headers += self.route_info(route, attempts)
+        headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
+        ctx.responded = True
+        ctx.status = response.status
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if body is not None:
+            await send({"type": "http.response.body", "body": body})
+            ctx.complete = True
+            self.count(ctx, find_usage(body))
+            return
+        previous = last = b""
+        events = 0
+        try:
+            async for chunk in response:
+                if translator is not None:
+                    chunk = translator.feed(chunk)
+                    if not chunk:
+                        continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                events += chunk.count(b"data:")
+                previous, last = last, chunk
+        except UpstreamError as exc:
+            # Too late for a status code or another deployment: end the stream with an error event.
+            log.warning("upstream %s stream broke: %s", route.id, exc.message)
+            self.breakers.record(route.id, Outcome.FAILURE)
+            self.count(ctx, None)  # a request all the same; its tokens are unknown
+            await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
+            return
+        except asyncio.CancelledError:
+            self.count(ctx, None)  # the client went away mid-stream
+            raise
+        finally:
+            ctx.streamed = events  # also when the client went away (cancelled) mid-stream
+        end = translator.finish() if translator else b""
+        await send({"type": "http.response.body", "body": end})
+        # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
+        ctx.complete = b'"error"' not in last + end
+        # A translator's count (it may have kept the usage event from the client), else the stream's own.
+        usage = translator.usage if translator is not None else None
+        self.count(ctx, usage or find_usage(previous + last + end))
+
+    def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
+        if usage is not None:
+            ctx.usage = usage
+            ctx.tokens = usage[0] + usage[1]
+        if ctx.policy is not None:
+            self.usage.add(ctx.policy.key_id, ctx.model, usage)
+
+    async def read_error(self, route: Route, response: UpstreamResponse) -> Failed:
+        """An upstream error answer in OpenAI's shape, with the provider key masked."""
+        raw = b""
+        with contextlib.suppress(UpstreamError):  # a body cut short: what arrived is all there is to show
+            async for chunk in response:
+                raw += chunk
+                if len(raw) > _ERROR_BODY_LIMIT:
+                    break
+        adapter: Adapter = route.adapter
+        key = adapter.config.api_key.encode()
+        if key:
+            raw = raw.replace(key, b"***")
+        status, body = adapter.translate_error(response.status, raw)
+        headers = [(k, v) for k, v in response.headers if k in _RETRY_HEADERS]
+        return Failed(route, status, body, headers)
+
+    async def send_failed(self, ctx: RequestContext, failed: Failed, send: Send, attempts: int) -> None:
+        ctx.responded = True
+        ctx.status = failed.status
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(failed.body))]
+        headers += failed.headers
+        headers += ctx.headers()
+        headers += self.route_info(failed.route, attempts)
+        await send({"type": "http.response.start", "status": failed.status, "headers": headers})
+        await send({"type": "http.response.body", "body": failed.body})
