@@ -1,18 +1,51 @@
-"""Per-request state shared by the middlewares and the forwarding app (scope["gateway"])."""
+"""Per-request state shared by the middlewares and the forwarding app (scope["gateway"]).
+
+It sits below every concern: the records that pass from one middleware to another (what the
+limits charged, the cache's planned lookup) live here, so no concern imports another for them.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
+from gateway.store import Call
 from gateway.types import Send
 
 if TYPE_CHECKING:
     from gateway.auth.keys import Policy
-    from gateway.cache.middleware import Lookup
-    from gateway.limits.limiter import Admission
+    from gateway.limits.specs import Spec
     from gateway.providers import Operation
     from gateway.routing.router import Route
+
+
+class Admission:
+    """What a request was charged, for `settle`."""
+
+    __slots__ = ("charges", "cost", "lease", "local", "member", "prepaid", "skipped", "tokens")
+
+    def __init__(self, member: str, tokens: int, cost: int) -> None:
+        self.member = member
+        self.tokens = tokens  # the estimate charged to token limits
+        self.cost = cost  # the estimate charged to budgets, nano-USD
+        self.charges: list[tuple[Spec, int, int, Route | None]] = []  # spec, now ms, amount, deployment
+        self.lease: Spec | None = None
+        self.prepaid: Route | None = None  # its quota is paid for the first attempt
+        self.skipped: tuple[Route, ...] = ()  # over their quota: the router must not try them
+        self.local = False  # admitted on this replica's own counts (store down)
+
+
+class Lookup:
+    """A cacheable request's lookup, planned before the rate-limit admission so both share a round trip."""
+
+    __slots__ = ("call", "key", "reply", "token", "ttl_s")
+
+    def __init__(self, key: str, token: str, call: Call | None, ttl_s: float) -> None:
+        self.key = key
+        self.ttl_s = ttl_s  # how long the answer is kept, should it be stored
+        self.token = token  # ours, should the claim make us lead
+        self.call = call  # CLAIM; None for a refresh, which neither reads nor follows
+        self.reply: list[bytes] | None = None  # CLAIM's reply, once run
 
 
 class RequestContext:

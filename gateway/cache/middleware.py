@@ -42,9 +42,9 @@ import orjson
 
 from gateway.cache.coalesce import CHUNK, CLAIM, HEAD, RELEASE, Flight, FlightLost, Follow, Tail, new_token
 from gateway.cache.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
-from gateway.context import RequestContext
+from gateway.context import Lookup, RequestContext
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
-from gateway.store import Call, Store, StoreError, Subscription
+from gateway.store import Store, StoreError, Subscription
 from gateway.tasks import Background, Disconnect
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,19 +63,6 @@ class Entry(msgspec.Struct, array_like=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Entry).decode
-
-
-class Lookup:
-    """A cacheable request's lookup, planned before the rate-limit admission so both share a round trip."""
-
-    __slots__ = ("call", "key", "reply", "token", "ttl_s")
-
-    def __init__(self, key: str, token: str, call: Call | None, ttl_s: float) -> None:
-        self.key = key
-        self.ttl_s = ttl_s  # how long the answer is kept, should it be stored
-        self.token = token  # ours, should the claim make us lead
-        self.call = call  # CLAIM; None for a refresh, which neither reads nor follows
-        self.reply: list[bytes] | None = None  # CLAIM's reply, once run
 
 
 class ResponseCache:

@@ -28,6 +28,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from gateway.config import Limits
+from gateway.context import Admission, Lookup, RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.specs import (
     ADMIT,
@@ -53,30 +54,12 @@ from gateway.tasks import Background
 
 if TYPE_CHECKING:
     from gateway.auth.keys import Policy
-    from gateway.cache.middleware import Lookup
-    from gateway.context import RequestContext
     from gateway.routing.breaker import Breakers
     from gateway.routing.router import Route
 
 log = logging.getLogger("gateway.limiter")
 _LOG_EVERY_S = 10.0
 _HEADER_KIND = {REQUESTS: b"requests", TOKENS: b"tokens"}
-
-
-class Admission:
-    """What a request was charged, for `settle`."""
-
-    __slots__ = ("charges", "cost", "lease", "local", "member", "prepaid", "skipped", "tokens")
-
-    def __init__(self, member: str, tokens: int, cost: int) -> None:
-        self.member = member
-        self.tokens = tokens  # the estimate charged to token limits
-        self.cost = cost  # the estimate charged to budgets, nano-USD
-        self.charges: list[tuple[Spec, int, int, Route | None]] = []  # spec, now ms, amount, deployment
-        self.lease: Spec | None = None
-        self.prepaid: Route | None = None  # its quota is paid for the first attempt
-        self.skipped: tuple[Route, ...] = ()  # over their quota: the router must not try them
-        self.local = False  # admitted on this replica's own counts (store down)
 
 
 class Limiter:

@@ -1,10 +1,9 @@
 """Usage and cost per key and model: counted after each answer, kept in the store by the hour.
 
-The answer is relayed untouched; its token counts are read with two regex
-searches after the last `"usage"` in the body (or, for a stream, in its last
-chunks), not by parsing it; a stream translator's own count (see `UsageFilter`
-and the Anthropic and Cohere translators) comes first, so a stream is counted
-whether or not its client asked for `include_usage`. Counts gather in memory and
+The answer is relayed untouched; its token counts are found by `find_usage` in
+`gateway.providers.base` (two regex searches, no parse); a stream translator's own
+count (see `UsageFilter` and the Anthropic and Cohere translators) comes first, so a
+stream is counted whether or not its client asked for `include_usage`. Counts gather in memory and
 go to the store once a second per replica, off every request's path; a replica
 that dies loses at most that second. A stream that reports no usage (cut short,
 or from a provider with `stream_usage` off) is counted as a request with 0 tokens.
@@ -18,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -27,23 +25,9 @@ from gateway.store import Store, StoreError
 
 log = logging.getLogger("gateway.usage")
 
-_PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_nusd")
 _KEEP_S = 400 * 86400
 _FLUSH_S = 1.0
-
-
-def find_usage(data: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from the last usage object in `data`, if it has one."""
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    prompt = _PROMPT.search(data, at)
-    if prompt is None:
-        return None
-    completion = _COMPLETION.search(data, at)
-    return int(prompt[1]), int(completion[1]) if completion else 0
 
 
 def day_key(key_id: str, day: int) -> str:

@@ -19,7 +19,20 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import orjson
 
-from gateway.limits.usage import find_usage
+_PROMPT_TOKENS = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+def find_usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last usage object in `data`, if it has one."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    prompt = _PROMPT_TOKENS.search(data, at)
+    if prompt is None:
+        return None
+    completion = _COMPLETION_TOKENS.search(data, at)
+    return int(prompt[1]), int(completion[1]) if completion else 0
 
 
 class Operation(enum.Enum):

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import time
+from typing import Protocol
 
 from gateway.context import RequestContext
 from gateway.errors import (
@@ -33,9 +34,8 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.limits.limiter import Limiter
-from gateway.limits.usage import UsageRecorder, find_usage
 from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
+from gateway.providers.base import find_usage
 from gateway.routing.breaker import Admission, Breakers, Outcome
 from gateway.routing.router import Route, Router
 from gateway.tasks import Disconnect
@@ -50,6 +50,18 @@ _RELAYED = frozenset({b"content-type", b"content-length", b"openai-processing-ms
 _SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
 _ERROR_BODY_LIMIT = 65536
 _RETRY_HEADERS = frozenset({b"retry-after", b"retry-after-ms"})  # the SDKs honour both
+
+
+class Quotas(Protocol):
+    """Pays a deployment's quota before a failover tries it (`gateway.limits.limiter.Limiter`)."""
+
+    async def charge(self, ctx: RequestContext, route: Route) -> bool: ...
+
+
+class Accounting(Protocol):
+    """Counts an answer's usage per key and model (`gateway.limits.usage.UsageRecorder`)."""
+
+    def add(self, key_id: str, alias: str, usage: tuple[int, int] | None) -> None: ...
 
 
 class Failed:
@@ -69,8 +81,8 @@ class Forward:
         self,
         router: Router,
         breakers: Breakers,
-        usage: UsageRecorder,
-        limiter: Limiter,
+        usage: Accounting,
+        limiter: Quotas,
         *,
         retries: int,
         total_s: float,

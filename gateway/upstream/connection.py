@@ -14,14 +14,12 @@ the timer heap about once per `first_byte_s`, not once per request or chunk.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 import httptools
 
 from gateway.errors import UpstreamError, UpstreamTimeout
-
-if TYPE_CHECKING:
-    from gateway.upstream.pool import UpstreamPool
 
 # Stop reading the socket while this much body waits for a slow consumer; a read takes
 # everything buffered and resumes it, so memory stays near this plus one socket read.
@@ -29,6 +27,24 @@ HIGH_WATER = 256 * 1024
 # uvloop's clock and timers have millisecond resolution: a timer may fire this much early.
 _SLACK = 0.001
 _FRAMING_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float = 5.0  # TCP+TLS connect, and also the bound on waiting for a free pool slot
+    first_byte_s: float = 60.0  # from the request written to the response head parsed
+    idle_s: float = 60.0  # max gap between body chunks
+    total_s: float = 600.0  # whole exchange, request start to end of body
+
+
+class Owner(Protocol):
+    """What a connection needs of its pool (`UpstreamPool`)."""
+
+    timeouts: Timeouts
+
+    def _release(self, conn: Connection) -> None: ...
+
+    def _forget(self, conn: Connection) -> None: ...
 
 
 def timed_out(what: str, seconds: float) -> UpstreamTimeout:
@@ -58,7 +74,7 @@ class Connection(asyncio.Protocol):
 
     transport: asyncio.Transport
 
-    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, pool: Owner, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.loop = loop
         self.parser = httptools.HttpResponseParser(self)

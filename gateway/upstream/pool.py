@@ -12,21 +12,12 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.errors import UpstreamConnectError, UpstreamError
-from gateway.upstream.connection import Connection, UpstreamResponse, timed_out
+from gateway.upstream.connection import Connection, Timeouts, UpstreamResponse, timed_out
 
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect_s: float = 5.0  # TCP+TLS connect, and also the bound on waiting for a free pool slot
-    first_byte_s: float = 60.0  # from the request written to the response head parsed
-    idle_s: float = 60.0  # max gap between body chunks
-    total_s: float = 600.0  # whole exchange, request start to end of body
 
 
 class UpstreamPool:

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from gateway.limits.usage import UsageRecorder, find_usage
+from gateway.limits.usage import UsageRecorder
+from gateway.providers.base import find_usage
 from gateway.store import MemoryStore, StoreError
 
 
