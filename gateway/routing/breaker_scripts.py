@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
-from gateway.store import LocalOps, Script
+from gateway.store import LocalOps, Script, lua_source
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -111,8 +110,7 @@ def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[Any
 
 
 def _script(name: str, local: Callable[[LocalOps, list[str], list[bytes]], Any]) -> Script:
-    lua = resources.files("gateway.routing").joinpath("lua")
-    body = lua.joinpath("breaker_common.lua").read_text() + lua.joinpath(f"breaker_{name}.lua").read_text()
+    body = lua_source("gateway.routing", "breaker_common.lua", f"breaker_{name}.lua")
     return Script(f"gateway.breaker.{name}", body, local)
 
 

@@ -1,10 +1,24 @@
-"""Shared state behind one interface; the backend is chosen by a URL in config."""
+"""Shared state behind one interface; the backend is chosen by a URL in config.
+
+Open `base.py` first (`Store`, `Script`: Lua for Redis with a Python twin). `memory.py` is
+the embedded default; `redis.py` the Redis backend, whose per-request calls go over the
+lean pipelining client in `resp.py`.
+"""
 
 from __future__ import annotations
 
 import re
 
-from gateway.store.base import Call, LocalOps, Script, ScriptArg, Store, StoreError, Subscription
+from gateway.store.base import (
+    Call,
+    LocalOps,
+    Script,
+    ScriptArg,
+    Store,
+    StoreError,
+    Subscription,
+    lua_source,
+)
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
@@ -18,6 +32,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Subscription",
+    "lua_source",
     "store_from_url",
 ]
 

@@ -13,6 +13,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from importlib import resources
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -93,6 +94,12 @@ class Script:
 
     def __repr__(self) -> str:
         return f"Script({self.name!r}, sha={self.sha[:12]})"
+
+
+def lua_source(package: str, *names: str) -> str:
+    """The text of `names`, joined in order, from `package`'s `lua/` folder (each concern keeps its own)."""
+    folder = resources.files(package).joinpath("lua")
+    return "".join(folder.joinpath(name).read_text() for name in names)
 
 
 Call = tuple[Script, Sequence[str], Sequence[ScriptArg]]  # one script run: script, KEYS, ARGV

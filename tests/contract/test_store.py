@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import gateway.routing
 import gateway.store
 from gateway.store import LocalOps, MemoryStore, Script, Store, StoreError
 
@@ -504,8 +505,15 @@ def test_public_surface() -> None:
         "Store",
         "StoreError",
         "Subscription",
+        "lua_source",
         "store_from_url",
     }
     for name in gateway.store.__all__:
         assert getattr(gateway.store, name) is not None
     assert repr(CAPPED_INCR) == f"Script('test.capped_incr', sha={CAPPED_INCR.sha[:12]})"
+
+
+def test_lua_source_joins_a_concerns_scripts_in_order() -> None:
+    common = (Path(gateway.routing.__file__).parent / "lua" / "breaker_common.lua").read_text()
+    probe = (Path(gateway.routing.__file__).parent / "lua" / "breaker_probe.lua").read_text()
+    assert gateway.store.lua_source("gateway.routing", "breaker_common.lua", "breaker_probe.lua") == common + probe
