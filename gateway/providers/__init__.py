@@ -1,4 +1,9 @@
-"""Provider kinds: their config structs (a tagged union on `type`) and their adapters."""
+"""Provider kinds: their config structs (a tagged union on `type`) and their adapters.
+
+Open `base.py` first (the `Adapter` interface, capabilities, usage found in answer bytes).
+`openai.py` is the OpenAI-compatible family, relayed as is; `azure.py` adds Azure's URLs;
+`anthropic.py` and `cohere.py` translate requests, their `*_response.py` the answers and streams.
+"""
 
 from __future__ import annotations
 

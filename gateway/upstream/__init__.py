@@ -1,6 +1,10 @@
-"""The hot-path upstream client: pooled HTTP/1.1 keep-alive connections (asyncio + httptools)."""
+"""The hot-path upstream client: pooled HTTP/1.1 keep-alive connections (asyncio + httptools).
 
-from gateway.upstream.connection import UpstreamResponse
-from gateway.upstream.pool import Timeouts, UpstreamPool
+Open `pool.py` first (`UpstreamPool`: connect, reuse, bound); `connection.py` is one
+connection's protocol, parser and timeouts.
+"""
+
+from gateway.upstream.connection import Timeouts, UpstreamResponse
+from gateway.upstream.pool import UpstreamPool
 
 __all__ = ["Timeouts", "UpstreamPool", "UpstreamResponse"]
