@@ -38,10 +38,11 @@ class Admission:
 class Lookup:
     """A cacheable request's lookup, planned before the rate-limit admission so both share a round trip."""
 
-    __slots__ = ("call", "key", "reply", "token", "ttl_s")
+    __slots__ = ("call", "key", "lock", "reply", "token", "ttl_s")
 
-    def __init__(self, key: str, token: str, call: Call | None, ttl_s: float) -> None:
+    def __init__(self, key: str, lock: str, token: str, call: Call | None, ttl_s: float) -> None:
         self.key = key
+        self.lock = lock  # the flight's lock: see ResponseCache.lock
         self.ttl_s = ttl_s  # how long the answer is kept, should it be stored
         self.token = token  # ours, should the claim make us lead
         self.call = call  # CLAIM; None for a refresh, which neither reads nor follows

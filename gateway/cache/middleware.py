@@ -8,13 +8,15 @@ skips the lookup and refills, `off` (or `no-store`) neither reads nor writes.
 Only a complete 200 answer is stored, as it was produced; one entry serves both
 modes: a stored stream replays as the same SSE bytes to a streaming request and
 assembled into one JSON answer to a non-streaming one, a stored JSON answer as
-is or cut into SSE (gateway/replay.py; converted at replay, not at fill). Every
+is or cut into SSE (replay.py; converted at replay, not at fill), each only where it
+answers exactly as the upstream would (usage event included: `replay.fit`). Every
 answer says `x-cache: hit|miss|bypass`: `hit` when no upstream call was made for
 it (a stored entry, or another request's flight it followed).
 
 Identical cacheable requests in flight together share one upstream call
-(gateway/coalesce.py, `cache.coalesce`): one leads, the others follow its answer
-as it is produced. A refresh neither follows nor leads.
+(coalesce.py, `cache.coalesce`): one leads, the others follow its answer as it
+is produced; streams without `include_usage` fly apart from the rest (`ResponseCache.lock`).
+A refresh neither follows nor leads.
 
 Purge without scanning: entry keys carry generation numbers (all, per key, per
 model) held in `gw:{cache}:gen` and copied locally, kept exact by pub/sub; a purge
@@ -24,7 +26,7 @@ Keys, all under the `{cache}` hash tag (one slot, so a script may use several):
     gw:{cache}:gen                                  hash: generation per purge scope
     gw:{cache}:events                               pub/sub channel: a generation changed
     gw:{cache}:<all>.<key>.<model>:<scope>:<sha256> an entry: msgpack [content type, body], TTL `ttl_s`
-    <entry key>:lock                                the flight's leader token, PX `coalesce_lease_s`
+    <entry key>:lock[:nousage]                      the flight's leader token, PX `coalesce_lease_s`
     gw:{cache}:flight:<token>                       stream: the flight's log (gateway/coalesce.py),
                                                     TTL `coalesce_wait_s + coalesce_lease_s` after a write
 """
@@ -41,7 +43,7 @@ import msgspec
 import orjson
 
 from gateway.cache.coalesce import CHUNK, CLAIM, HEAD, RELEASE, Flight, FlightLost, Follow, Tail, new_token
-from gateway.cache.replay import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE, is_sse, json_to_sse, sse_to_json
+from gateway.cache.replay import fit, is_sse, wants_usage
 from gateway.context import Lookup, RequestContext
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
 from gateway.store import Store, StoreError, Subscription
@@ -152,12 +154,23 @@ class ResponseCache:
             ctx.cache = b"bypass"
             return None
         key = self.key(ctx)
+        lock = self.lock(key, ctx)
         ttl_s = self._ttl(scope)
         if wish == b"refresh":
-            return Lookup(key, "", None, ttl_s)
+            return Lookup(key, lock, "", None, ttl_s)
         token = new_token()
         lease_ms = math.ceil(self.lease_s * 1000) if self.coalesce else 0
-        return Lookup(key, token, (CLAIM, [key, key + ":lock"], [token, lease_ms]), ttl_s)
+        return Lookup(key, lock, token, (CLAIM, [key, lock], [token, lease_ms]), ttl_s)
+
+    @staticmethod
+    def lock(key: str, ctx: RequestContext) -> str:
+        """The lock of `key`'s flight for this request: a stream without `include_usage` has its own.
+
+        Its leader's client gets no usage event, so its stream could not give one to a follower that
+        wants it (a non-streaming request, or a stream with `include_usage`); the two kinds of request
+        share entries, not flights.
+        """
+        return key + ":lock" if wants_usage(ctx.body) else key + ":lock:nousage"
 
     def _ttl(self, scope: Scope) -> float:
         """`x-gateway-cache-ttl` (seconds, up to `cache.max_ttl_s`), else `cache.ttl_s`."""
@@ -175,10 +188,10 @@ class ResponseCache:
             )
         return ttl_s
 
-    async def claim(self, key: str) -> tuple[bytes, Entry | None, str]:
+    async def claim(self, key: str, lock: str) -> tuple[bytes, Entry | None, str]:
         """Claim `key` again (its flight failed): see `outcome`."""
         token = new_token()
-        reply = await self.store.run(CLAIM, [key, key + ":lock"], [token, math.ceil(self.lease_s * 1000)])
+        reply = await self.store.run(CLAIM, [key, lock], [token, math.ceil(self.lease_s * 1000)])
         return self.outcome(reply, token)
 
     def outcome(self, reply: list[bytes], token: str) -> tuple[bytes, Entry | None, str]:
@@ -202,7 +215,7 @@ class ResponseCache:
     def abandon(self, lookup: Lookup) -> None:
         """Give back a lock the lookup took for a request that will not go upstream after all."""
         if lookup.reply is not None and lookup.reply[0] == b"lead":
-            self._background.spawn(self._release(lookup.key + ":lock", lookup.token))
+            self._background.spawn(self._release(lookup.lock, lookup.token))
 
     async def _release(self, lock: str, token: str) -> None:
         try:
@@ -210,18 +223,16 @@ class ResponseCache:
         except StoreError as exc:
             log.warning("cache: lock not released (its lease ends it): %s", exc)
 
-    def lead(self, key: str, token: str) -> Flight:
+    def lead(self, lock: str, token: str) -> Flight:
         # The log outlives the longest follow, so a late follower still reads it from the start.
-        flight = Flight(
-            self.store, key + ":lock", token, lease_s=self.lease_s, log_ttl_s=self.wait_s + self.lease_s
-        )
+        flight = Flight(self.store, lock, token, lease_s=self.lease_s, log_ttl_s=self.wait_s + self.lease_s)
         self._background.spawn(flight.run())
         return flight
 
-    def follow(self, key: str, token: str, deadline: float) -> Follow:
+    def follow(self, lock: str, token: str, deadline: float) -> Follow:
         tail = self._tails.get(token)
         if tail is None or tail.failure is not None:
-            tail = self._tails[token] = Tail(self.store, key + ":lock", token, poll_s=self.lease_s / 2)
+            tail = self._tails[token] = Tail(self.store, lock, token, poll_s=self.lease_s / 2)
         return Follow(tail, self._tails, deadline=deadline)
 
     def fill(self, key: str, entry: Entry, ttl_s: float) -> None:
@@ -294,7 +305,7 @@ class CacheMiddleware:
                     return
                 await self.produce(scope, receive, send, ctx, lookup.key, None)
                 return
-        await self.coalesce(scope, receive, send, ctx, lookup.key, self.cache.outcome(reply, lookup.token))
+        await self.coalesce(scope, receive, send, ctx, lookup, self.cache.outcome(reply, lookup.token))
 
     async def coalesce(
         self,
@@ -302,10 +313,12 @@ class CacheMiddleware:
         receive: Receive,
         send: Send,
         ctx: RequestContext,
-        key: str,
+        lookup: Lookup,
         claimed: tuple[bytes, Entry | None, str],
     ) -> None:
-        """Replay a hit, or lead the flight for `key`, or follow it, claiming again when its leader fails."""
+        """Replay a hit, or lead the flight for the lookup's key, or follow it, claiming again when its
+        leader fails."""
+        key, lock = lookup.key, lookup.lock
         deadline = time.monotonic() + self.cache.wait_s
         while True:
             outcome, entry, token = claimed
@@ -316,10 +329,10 @@ class CacheMiddleware:
                     return
                 break
             if outcome == b"lead":
-                await self.produce(scope, receive, send, ctx, key, self.cache.lead(key, token))
+                await self.produce(scope, receive, send, ctx, key, self.cache.lead(lock, token))
                 return
             try:
-                if await self.follow(ctx, receive, send, self.cache.follow(key, token, deadline)):
+                if await self.follow(ctx, receive, send, self.cache.follow(lock, token, deadline)):
                     return
                 break  # the flight's answer does not convert to this request's mode
             except FlightLost:
@@ -330,7 +343,7 @@ class CacheMiddleware:
             if time.monotonic() >= deadline:
                 break
             try:
-                claimed = await self.cache.claim(key)
+                claimed = await self.cache.claim(key, lock)
             except StoreError as exc:
                 log.warning("cache: claim failed, calling upstream alone: %s", exc)
                 break
@@ -426,17 +439,10 @@ class CacheMiddleware:
 
     async def replay(self, ctx: RequestContext, entry: Entry, send: Send) -> bool:
         """Answer with `entry` in this request's mode; False (nothing sent) when it does not convert."""
-        content_type, body = entry.content_type, entry.body
-        streaming = ctx.body.get("stream") is True
-        if is_sse(content_type) != streaming:
-            if streaming:
-                include_usage = (ctx.body.get("stream_options") or {}).get("include_usage") is True
-                content_type, converted = SSE_CONTENT_TYPE, json_to_sse(body, include_usage=include_usage)
-            else:
-                content_type, converted = JSON_CONTENT_TYPE, sse_to_json(body)
-            if converted is None:
-                return False
-            body = converted
+        fitted = fit(entry.content_type, entry.body, ctx.body)
+        if fitted is None:
+            return False
+        content_type, body = fitted
         await self.start(ctx, send, [(b"content-type", content_type), (b"content-length", b"%d" % len(body))])
         await send({"type": "http.response.body", "body": body})
         ctx.complete = True

@@ -9,6 +9,12 @@ finish chunk, then the usage chunk only when the request asked for it
 (`stream_options.include_usage`), then `data: [DONE]`. Ids and `created` are
 the stored answer's. Anything else (another operation, an error event, a body
 that does not parse) gives None: the caller treats the entry as a miss.
+
+`fit` serves one entry to a request exactly as the upstream would have answered it:
+a stream's usage event goes only to a request that asked for it (and is stripped
+otherwise, as the live relay strips the one the gateway asked for), and a stream
+stored without one does not serve a request that needs usage (a JSON answer always
+carries it), so that request goes upstream and refills the entry.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+
+from gateway.providers.base import USAGE_EVENT, UsageFilter
 
 SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 JSON_CONTENT_TYPE = b"application/json"
@@ -27,6 +35,33 @@ _SHARED = ("id", "created", "model", "system_fingerprint", "service_tier")
 
 def is_sse(content_type: bytes) -> bool:
     return content_type.startswith(b"text/event-stream")
+
+
+def wants_usage(request: dict[str, Any]) -> bool:
+    """Whether the answer carries usage: a JSON answer always, a stream only with `include_usage`."""
+    if request.get("stream") is not True:
+        return True
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def fit(content_type: bytes, body: bytes, request: dict[str, Any]) -> tuple[bytes, bytes] | None:
+    """The stored answer (`content_type`, `body`) as `request` must get it, or None when it cannot."""
+    streaming, usage = request.get("stream") is True, wants_usage(request)
+    if not is_sse(content_type):
+        if not streaming:
+            return content_type, body
+        stream = json_to_sse(body, include_usage=usage)
+        return None if stream is None else (SSE_CONTENT_TYPE, stream)
+    if usage and not USAGE_EVENT.search(body):
+        return None
+    if not streaming:
+        answer = sse_to_json(body)
+        return None if answer is None else (JSON_CONTENT_TYPE, answer)
+    if not usage:
+        strip = UsageFilter()
+        body = strip.feed(body) + strip.finish()
+    return content_type, body
 
 
 def _events(body: bytes) -> list[dict[str, Any]] | None:

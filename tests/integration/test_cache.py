@@ -145,14 +145,43 @@ async def test_a_stream_serves_a_json_request_and_back(gw: Any, mock: MockOpenAI
 
 async def test_legacy_completions_cross_modes(gw: Any, mock: MockOpenAI) -> None:
     client = sdk(gw)
-    stream = await client.completions.create(model="instruct", prompt="say this", temperature=0, stream=True)
-    text = "".join([chunk.choices[0].text async for chunk in stream])
+    stream = await client.completions.create(
+        model="instruct", prompt="say this", temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
     await gw.cache.flush()
     raw = await client.completions.with_raw_response.create(
         model="instruct", prompt="say this", temperature=0
     )
     assert raw.headers["x-cache"] == "hit" and (raw.parse()).choices[0].text == text == "echo: say this"
+    assert raw.parse().usage is not None
     assert len(mock.requests) == 1
+
+
+async def test_stream_options_share_an_entry_only_where_it_serves_exactly(gw: Any, mock: MockOpenAI) -> None:
+    """One entry serves every request it can answer as the upstream would have, usage event included."""
+    body: dict[str, Any] = {"stream": True, "temperature": 0}
+    usage = {"include_usage": True}
+    plain = await ask(gw, **body)
+    assert plain.headers["x-cache"] == "miss" and '"usage":{' not in plain.text
+    # Stored without a usage event: it cannot serve requests that need usage; they go upstream and refill.
+    counted = await ask(gw, **body, stream_options=usage)
+    assert counted.headers["x-cache"] == "miss" and '"choices":[],"usage":{' in counted.text.replace(" ", "")
+    assert len(mock.requests) == 2
+    # Stored with it: it serves a JSON request (with usage), and a stream without `include_usage`
+    # (the usage event stripped), and one with it (as stored).
+    answer = await ask(gw, temperature=0)
+    again = await ask(gw, **body)
+    counted_again = await ask(gw, **body, stream_options=usage)
+    assert [r.headers["x-cache"] for r in (answer, again, counted_again)] == ["hit"] * 3
+    assert answer.json()["usage"]["total_tokens"] > 0 and len(mock.requests) == 2
+    assert '"usage":{' not in again.text and again.text.endswith("data: [DONE]\n\n")
+    assert content_of(again.text) == content_of(plain.text) and counted_again.content == counted.content
+
+
+def content_of(stream: str) -> str:
+    events = [orjson.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
 
 
 async def test_purge_all_per_key_per_model(gw: Any, mock: MockOpenAI) -> None:

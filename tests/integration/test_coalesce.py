@@ -95,8 +95,11 @@ async def test_streaming_followers_get_chunks_as_the_leader_produces_them(
 
 async def test_streams_and_json_requests_share_one_call(config_text: str, mock: MockOpenAI) -> None:
     mock.behave(chunks=4, chunk_delay=0.05)
+    usage = {"include_usage": True}
     async with gateway(config_text) as gw, Client(gw) as c:
-        leader = asyncio.ensure_future(c.chat(temperature=0, messages=MESSAGES, stream=True))
+        leader = asyncio.ensure_future(
+            c.chat(temperature=0, messages=MESSAGES, stream=True, stream_options=usage)
+        )
         await asyncio.sleep(0.02)
         json_answers = await together(gw, 5)
         streamed = await leader
@@ -106,6 +109,28 @@ async def test_streams_and_json_requests_share_one_call(config_text: str, mock: 
     for r in json_answers:
         assert r.headers["x-cache"] == "hit" and r.json()["object"] == "chat.completion"
         assert r.json()["choices"][0]["message"]["content"] == text
+        assert r.json()["usage"]["completion_tokens"] > 0
+
+
+async def test_a_stream_without_usage_leads_only_streams_without_usage(
+    config_text: str, mock: MockOpenAI
+) -> None:
+    """Its client gets no usage event, so its flight could not give one to a request that needs it."""
+    mock.behave(chunks=4, chunk_delay=0.05)
+    async with gateway(config_text) as gw, Client(gw) as c:
+        leader = asyncio.ensure_future(c.chat(temperature=0, messages=MESSAGES, stream=True))
+        await asyncio.sleep(0.02)
+        plain, with_usage, answer = await asyncio.gather(
+            c.chat(temperature=0, messages=MESSAGES, stream=True),
+            c.chat(temperature=0, messages=MESSAGES, stream=True, stream_options={"include_usage": True}),
+            c.chat(temperature=0, messages=MESSAGES),
+        )
+        streamed = await leader
+    assert len(mock.requests) == 2  # the leader's flight, and one flight for the two that need usage
+    assert plain.headers["x-cache"] == "hit" and '"usage":{' not in plain.text
+    assert '"usage":{' not in streamed.text
+    assert '"choices":[],"usage":{' in with_usage.text.replace(" ", "")
+    assert answer.json()["usage"]["completion_tokens"] > 0
 
 
 async def test_leader_stream_breaks_followers_take_over_or_fail_cleanly(

@@ -8,7 +8,14 @@ import orjson
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion import Completion
 
-from gateway.cache.replay import json_to_sse, sse_to_json
+from gateway.cache.replay import (
+    JSON_CONTENT_TYPE,
+    SSE_CONTENT_TYPE,
+    fit,
+    json_to_sse,
+    sse_to_json,
+    wants_usage,
+)
 
 BASE = {"id": "chatcmpl-1", "created": 1700000000, "model": "m", "system_fingerprint": "fp"}
 
@@ -130,3 +137,58 @@ def test_legacy_completions_both_ways() -> None:
     assembled = orjson.loads(sse_to_json(sse(*pieces)) or b"")
     assert assembled["choices"] == [{"text": "ab", "index": 0, "logprobs": None, "finish_reason": "length"}]
     assert "usage" not in assembled
+
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+WITH_USAGE = sse(
+    chunk({"role": "assistant", "content": "hi"}),
+    chunk({}, "stop"),
+    {"object": "chat.completion.chunk", "choices": [], "usage": USAGE},
+)
+WITHOUT_USAGE = sse(chunk({"role": "assistant", "content": "hi"}), chunk({}, "stop"))
+ANSWER = orjson.dumps(
+    {
+        **BASE,
+        "object": "chat.completion",
+        "usage": USAGE,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    }
+)
+
+
+def test_wants_usage_json_always_stream_only_when_asked() -> None:
+    assert wants_usage({}) and wants_usage({"stream": False})
+    assert not wants_usage({"stream": True}) and not wants_usage({"stream": True, "stream_options": None})
+    assert wants_usage({"stream": True, "stream_options": {"include_usage": True}})
+    assert not wants_usage({"stream": True, "stream_options": {"include_usage": False}})
+
+
+def test_fit_a_stream_with_usage_serves_every_request() -> None:
+    assert fit(SSE_CONTENT_TYPE, WITH_USAGE, {"stream": True, "stream_options": {"include_usage": True}}) == (
+        SSE_CONTENT_TYPE,
+        WITH_USAGE,
+    )
+    stripped = fit(SSE_CONTENT_TYPE, WITH_USAGE, {"stream": True})
+    assert stripped is not None and stripped[1] == WITHOUT_USAGE
+    as_json = fit(SSE_CONTENT_TYPE, WITH_USAGE, {})
+    assert as_json is not None and as_json[0] == JSON_CONTENT_TYPE
+    assert orjson.loads(as_json[1])["usage"] == USAGE
+
+
+def test_fit_a_stream_without_usage_serves_only_streams_that_do_not_ask() -> None:
+    assert fit(SSE_CONTENT_TYPE, WITHOUT_USAGE, {"stream": True}) == (SSE_CONTENT_TYPE, WITHOUT_USAGE)
+    assert fit(SSE_CONTENT_TYPE, WITHOUT_USAGE, {}) is None
+    assert (
+        fit(SSE_CONTENT_TYPE, WITHOUT_USAGE, {"stream": True, "stream_options": {"include_usage": True}})
+        is None
+    )
+
+
+def test_fit_a_json_answer_serves_both_modes_with_usage_only_when_asked() -> None:
+    assert fit(JSON_CONTENT_TYPE, ANSWER, {}) == (JSON_CONTENT_TYPE, ANSWER)
+    plain = fit(JSON_CONTENT_TYPE, ANSWER, {"stream": True})
+    counted = fit(JSON_CONTENT_TYPE, ANSWER, {"stream": True, "stream_options": {"include_usage": True}})
+    assert plain is not None and counted is not None
+    assert all(e.get("usage") is None for e in events(plain[1]))
+    assert events(counted[1])[-1]["usage"] == USAGE
+    assert fit(JSON_CONTENT_TYPE, b"not json", {"stream": True}) is None
