@@ -335,7 +335,9 @@ def load(path: str | Path, *, warn: bool = True) -> Config:
     if not warn:
         return config
     mode = path.stat().st_mode
-    literal = [s for s in config.secrets() if s in text]
+    # Only what is written outright counts: a `${VAR:-default}` is a placeholder the operator overrides.
+    bare = _VAR.sub("", text)
+    literal = [s for s in config.secrets() if s in bare]
     if literal and mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning(
             "config %s holds secrets and is readable by group or others; chmod 600 it or use ${VAR}", path

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +158,26 @@ def test_load_warns_on_readable_file_with_literal_secret(tmp_path, caplog) -> No
     os.chmod(path, 0o600)
     with caplog.at_level(logging.WARNING, "gateway.config"):
         load_with_env(path)
+    assert "readable by group or others" not in caplog.text
+
+
+def test_load_does_not_warn_for_secrets_only_in_var_defaults(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    # config.example.yaml's shape: secrets come from the environment, with placeholder defaults.
+    path = tmp_path / "gw.yaml"
+    path.write_text(BASE.replace('"${TEAM_A_KEY}"', '"${TEAM_A_KEY:-sk-gw-local-dev-change-me}"'))
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, "gateway.config"):
+        load_with_env(path)
+    assert "readable by group or others" not in caplog.text
+
+
+def test_the_example_config_loads_without_the_readable_secrets_warning(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    # As `make run` reads it from a fresh clone: mode 644.
+    path = tmp_path / "config.example.yaml"
+    path.write_text((Path(__file__).resolve().parents[2] / "config.example.yaml").read_text())
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING, "gateway.config"):
+        load(path)
     assert "readable by group or others" not in caplog.text
 
 
