@@ -21,7 +21,8 @@ synchronously, which also keeps pipelined requests in order.
                               stream opens with the prompt-filter event (`choices: []`, `object: ""`)
   Event shapes follow tests/mock_anthropic.py, tests/mock_cohere.py and tests/mock_azure.py
   (compact JSON, as the real APIs write it). A model (Azure: deployment) ending in "-slow" gets its
-  stream events SLOW_DELAY_S apart, to see whether the gateway relays them as they come.
+  stream events --slow-delay seconds apart (default SLOW_DELAY_S), to see whether the gateway relays
+  them as they come, or to hold streams open (bench/hold.py).
 
 For the failover scenario (bench/failover.py):
   POST /_bench/outage         {"mode": "503" | "refuse", "seconds": S}: for S seconds answer 503 to
@@ -271,8 +272,11 @@ class Answers:
 class Mock:
     """The listening server, its answers, and the outages and answer times the failover scenario uses."""
 
-    def __init__(self, host: str, port: int, answers: Answers, record: bool) -> None:
+    def __init__(
+        self, host: str, port: int, answers: Answers, record: bool, slow_delay: float = SLOW_DELAY_S
+    ) -> None:
         self.host, self.port, self.answers, self.record = host, port, answers, record
+        self.slow_delay = slow_delay
         self.served = array("d")  # perf_counter() of each 200 API answer, when recording
         self.outages: list[dict[str, Any]] = []
         self.failing_until = 0.0  # 503 to every API request until then (perf_counter)
@@ -405,7 +409,7 @@ class Connection(asyncio.Protocol):
         stream = req.get("stream") is True
         azure = path.startswith(AZURE_PATH[0])
         name = path[len(AZURE_PATH[0]) : -len(AZURE_PATH[1])].decode() if azure else model
-        delay = SLOW_DELAY_S if name.endswith(SLOW_SUFFIX) else 0.0
+        delay = self.mock.slow_delay if name.endswith(SLOW_SUFFIX) else 0.0
         if path == b"/v1/embeddings":
             self._json(self.answers.embeddings(req, model), keep_alive)
         elif path in (b"/v1/messages", b"/v2/chat"):
@@ -486,8 +490,12 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20, help="content chunks per stream without max_tokens")
     ap.add_argument("--embed-dim", type=int, default=1536)
     ap.add_argument("--record", action="store_true", help="keep the time of every 200 answer (/_bench/log)")
+    ap.add_argument(
+        "--slow-delay", type=float, default=SLOW_DELAY_S, help="seconds between a -slow model's events"
+    )
     args = ap.parse_args()
-    uvloop.run(serve(Mock(args.host, args.port, Answers(args.chunks, args.embed_dim), args.record)))
+    answers = Answers(args.chunks, args.embed_dim)
+    uvloop.run(serve(Mock(args.host, args.port, answers, args.record, args.slow_delay)))
 
 
 if __name__ == "__main__":

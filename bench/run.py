@@ -36,7 +36,7 @@ import httptools
 import orjson
 import uvloop
 
-from bench import failover, providers, redis_stack
+from bench import failover, hold, providers, redis_stack
 from bench.harness import (
     GATEWAY_CPU,
     HOST,
@@ -289,7 +289,9 @@ async def run_selected(
         await failover.run(args, logs, record, procs)
     if args.redis:
         await redis_stack.run(args, logs, record, procs)
-    if not (args.providers or args.failover or args.redis):
+    if args.hold:
+        await hold.run(args, logs, record, procs)
+    if not (args.providers or args.failover or args.redis or args.hold):
         await bench(args, logs, record, procs)
 
 
@@ -334,6 +336,8 @@ def parse_args() -> argparse.Namespace:
     flag("providers", "instead of the suite: 50-chunk streams, one alias per provider (translation cost)")
     flag("failover", "instead of the suite: one of two deployments down for 10 s under steady load (~1 min)")
     flag("redis", "instead of the suite: the full stack (limits, quota, cache) on a real redis-server")
+    flag("hold", "instead of the suite: 1,000 streams held open 30 s at once (RSS per stream, CPU per chunk)")
+    ap.add_argument("--hold-clients", type=int, default=int(env("BENCH_HOLD_CLIENTS", str(hold.CLIENTS))))
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 2.0
@@ -392,7 +396,7 @@ def main() -> int:
         for t in TARGETS
     }
     # The failover scenario's failed requests are its result, not a fault of the run.
-    failed = sum(record["errors"].values()) + providers.failed(record) + redis_stack.failed(record)
+    failed = sum(record["errors"].values()) + sum(m.failed(record) for m in (providers, redis_stack, hold))
     reasons = [record["aborted"].partition("\n")[0]] if "aborted" in record else []
     if failed:
         reasons.append(f"{failed} failed request(s), see the JSON")
@@ -401,7 +405,7 @@ def main() -> int:
     out = results / f"{stamp}.json"
     out.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
     tables = [render(record)] if record["rounds"] else []
-    extra = (providers.render(record), failover.render(record), redis_stack.render(record))
+    extra = tuple(m.render(record) for m in (providers, failover, redis_stack, hold))
     tables += [table for table in extra if table]
     if record["flagged"]:
         tables.append(f"**FLAGGED**: {record['flagged']}")
