@@ -114,14 +114,18 @@ class Proc:
 
     def hwm_mib(self) -> float:
         """Peak resident memory (VmHWM) summed over the session's processes."""
+        return round(self.status_kib("VmHWM") / 1024, 1)
+
+    def status_kib(self, field: str) -> int:
+        """A memory field of /proc/<pid>/status (VmRSS, VmHWM...) summed over the session's processes."""
         kib = 0
         for pid in self.pids:
             try:
                 lines = Path(f"/proc/{pid}/status").read_text().splitlines()
             except OSError:
                 continue
-            kib += sum(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
-        return round(kib / 1024, 1)
+            kib += sum(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+        return kib
 
     def cpus(self) -> list[int]:
         cpus: set[int] = set()

@@ -49,18 +49,6 @@ models:
 """
 
 
-def rss_kib(proc: Proc) -> int:
-    """Resident memory (VmRSS) summed over the server's processes."""
-    kib = 0
-    for pid in proc.pids:
-        try:
-            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
-            continue
-        kib += sum(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
-    return kib
-
-
 async def one_stream(port: int, request: bytes, expected: int, timeout_s: float) -> str | None:
     """Read one stream to its end; None when it was whole, else what went wrong."""
     try:
@@ -90,7 +78,7 @@ async def one_stream(port: int, request: bytes, expected: int, timeout_s: float)
 
 async def sample_rss(gw: Proc, peak: list[int], stop: asyncio.Event) -> None:
     while not stop.is_set():
-        peak.append(rss_kib(gw))
+        peak.append(gw.status_kib("VmRSS"))
         await asyncio.sleep(SAMPLE_S)
 
 
@@ -112,7 +100,7 @@ async def run(args: argparse.Namespace, logs: Path, record: dict[str, Any], proc
         if problem:
             progress(f"hold: warm-up stream failed: {problem}")
     await asyncio.sleep(2 * delay)
-    idle_kib = rss_kib(gw)
+    idle_kib = gw.status_kib("VmRSS")
     cpu0 = gw.cpu_s()
     started = time.monotonic()
     progress(f"hold: opening {clients} streams of {chunks} chunks, {delay:g} s apart")

@@ -147,38 +147,30 @@ def test_bad_base_url_scheme() -> None:
     ]
 
 
-def test_load_warns_on_readable_file_with_literal_secret(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def warns_readable(tmp_path, caplog, text: str, mode: int = 0o644) -> bool:  # type: ignore[no-untyped-def]
+    """Whether loading `text` from a file of `mode` draws the readable-secrets warning."""
     path = tmp_path / "gw.yaml"
-    path.write_text(BASE.replace('"${TEAM_A_KEY}"', "sk-literal-0123456789"))
-    os.chmod(path, 0o644)
-    with caplog.at_level(logging.WARNING, "gateway.config"):
-        load_with_env(path)
-    assert "readable by group or others" in caplog.text
+    path.write_text(text)
+    os.chmod(path, mode)
     caplog.clear()
-    os.chmod(path, 0o600)
     with caplog.at_level(logging.WARNING, "gateway.config"):
         load_with_env(path)
-    assert "readable by group or others" not in caplog.text
+    return "readable by group or others" in caplog.text
+
+
+def test_load_warns_on_readable_file_with_literal_secret(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    literal = BASE.replace('"${TEAM_A_KEY}"', "sk-literal-0123456789")
+    assert warns_readable(tmp_path, caplog, literal)
+    assert not warns_readable(tmp_path, caplog, literal, 0o600)
 
 
 def test_load_does_not_warn_for_secrets_only_in_var_defaults(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     # config.example.yaml's shape: secrets come from the environment, with placeholder defaults.
-    path = tmp_path / "gw.yaml"
-    path.write_text(BASE.replace('"${TEAM_A_KEY}"', '"${TEAM_A_KEY:-sk-gw-local-dev-change-me}"'))
-    os.chmod(path, 0o644)
-    with caplog.at_level(logging.WARNING, "gateway.config"):
-        load_with_env(path)
-    assert "readable by group or others" not in caplog.text
-
-
-def test_the_example_config_loads_without_the_readable_secrets_warning(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
-    # As `make run` reads it from a fresh clone: mode 644.
-    path = tmp_path / "config.example.yaml"
-    path.write_text((Path(__file__).resolve().parents[2] / "config.example.yaml").read_text())
-    os.chmod(path, 0o644)
-    with caplog.at_level(logging.WARNING, "gateway.config"):
-        load(path)
-    assert "readable by group or others" not in caplog.text
+    text = BASE.replace('"${TEAM_A_KEY}"', '"${TEAM_A_KEY:-sk-gw-local-dev-change-me}"')
+    assert not warns_readable(tmp_path, caplog, text)
+    # As `make run` reads the example from a fresh clone: mode 644.
+    example = (Path(__file__).resolve().parents[2] / "config.example.yaml").read_text()
+    assert not warns_readable(tmp_path, caplog, example)
 
 
 def load_with_env(path) -> Config:  # type: ignore[no-untyped-def]
