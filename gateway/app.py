@@ -43,7 +43,7 @@ from gateway.routing.probes import Prober
 from gateway.routing.router import Alias, Route, Router
 from gateway.store import Store, StoreError, Subscription, store_from_url
 from gateway.tasks import Background
-from gateway.telemetry import logs
+from gateway.telemetry import logs, tracing
 from gateway.telemetry.access_log import AccessLogMiddleware
 from gateway.telemetry.request_id import RequestIdMiddleware
 from gateway.types import ASGIApp, Receive, Scope, Send
@@ -98,6 +98,12 @@ class Snapshot:
                 timeout_s=config.store.timeout_s,
                 max_connections=config.store.max_connections,
             )
+        )
+        same_tracing = previous is not None and previous.config.telemetry == config.telemetry
+        self.tracing = (
+            previous.tracing
+            if same_tracing and previous is not None
+            else tracing.build(config.telemetry.tracing)
         )
         t = config.router.timeouts
         timeouts = Timeouts(
@@ -221,6 +227,8 @@ class Snapshot:
                 allow_credentials=cors.allow_credentials,
                 max_age=cors.max_age_s,
             )
+        if self.tracing is not None:
+            app = tracing.TracingMiddleware(app, tracing=self.tracing)
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
         self.app = AccessLogMiddleware(app) if config.server.access_log else app
 
@@ -263,6 +271,8 @@ class Snapshot:
                 await pool.aclose()
         if successor is None or successor.store is not self.store:
             await self.store.aclose()
+        if self.tracing is not None and (successor is None or successor.tracing is not self.tracing):
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the last spans: blocking I/O
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

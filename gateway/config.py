@@ -153,6 +153,21 @@ class CorsConfig(Struct):
     max_age_s: Annotated[int, msgspec.Meta(ge=0)] = 600
 
 
+class TracingConfig(Struct):
+    """`telemetry.tracing`: OpenTelemetry traces over OTLP (gateway/telemetry/tracing.py)."""
+
+    enabled: bool = False  # also on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
+    endpoint: str = ""  # "": OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else the SDK's default
+    protocol: Literal["", "http/protobuf", "grpc"] = ""  # "": OTEL_EXPORTER_OTLP_PROTOCOL, else http
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # None: OTEL_TRACES_SAMPLER
+    service_name: str = ""  # "": OTEL_SERVICE_NAME, else "gateway"
+    timeout_s: PositiveFloat = 10  # per export, on the exporter's own thread
+
+
+class TelemetryConfig(Struct):
+    tracing: TracingConfig = TracingConfig()
+
+
 class Config(Struct):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -163,6 +178,7 @@ class Config(Struct):
     cache: CacheConfig = CacheConfig()
     breaker: BreakerSettings = BreakerSettings()
     router: RouterConfig = RouterConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def secrets(self) -> list[str]:
         """Every secret value in this config, for the log masker."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gateway.limits.specs import Spec
     from gateway.providers import Operation
     from gateway.routing.router import Route
+    from gateway.telemetry.tracing import RequestTrace
 
 
 class Admission:
@@ -69,6 +70,7 @@ class RequestContext:
         "status",
         "streamed",
         "tokens",
+        "trace",
         "usage",
     )
 
@@ -91,6 +93,7 @@ class RequestContext:
         self.usage: tuple[int, int] | None = None  # the answer's (prompt, completion) tokens, when it says
         self.plan: list[Route] | None = None  # the deployments to try, once resolved
         self.admission: Admission | None = None  # what the limits charged, to settle afterwards
+        self.trace: RequestTrace | None = None  # the request's spans, when tracing is on
         self.lookup: Lookup | None = None  # the cache lookup, planned before admission to share its trip
 
     def headers(self) -> list[tuple[bytes, bytes]]:

@@ -40,4 +40,7 @@ class AccessLogMiddleware:
                     "deployment": ctx.deployment or None,
                     "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
                 }
+                if ctx.trace is not None:
+                    line["trace_id"] = ctx.trace.trace_id
+                    line["span_id"] = ctx.trace.span_id
                 log.info(orjson.dumps(line).decode())
