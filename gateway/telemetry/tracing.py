@@ -36,6 +36,7 @@ log = logging.getLogger("gateway.tracing")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _WARN_EVERY_S = 60.0
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes, every few seconds
 # OpenTelemetry GenAI semantic conventions: the operation names, by our operation's path.
 _OPERATION = {
     "chat/completions": "chat",
@@ -120,6 +121,8 @@ class Tracing:
         schedule_delay_ms: int = 1000,
     ) -> None:
         attributes = {"service.name": service_name} if service_name else {}
+        # The exporters log every failed batch and retry; QuietExporter says it once a minute instead.
+        logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
         self.exporter = QuietExporter(exporter)
         # sampler None: the SDK reads OTEL_TRACES_SAMPLER (default parent-based, always on).
         self.provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
@@ -221,7 +224,7 @@ class TracingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = scope.get("gateway")
-        if scope["type"] != "http" or ctx is None:
+        if scope["type"] != "http" or ctx is None or scope["path"] in _UNTRACED:
             await self.app(scope, receive, send)
             return
         request = ctx.trace = self.tracing.start_request(scope)

@@ -183,3 +183,12 @@ def test_an_unreachable_exporter_is_logged_once_per_interval(caplog: pytest.LogC
         results = [quiet.export([]) for _ in range(10)]
     assert results == [SpanExportResult.FAILURE] * 10 and quiet.failures == 10
     assert len([r for r in caplog.records if r.name == "gateway.tracing"]) == 1
+
+
+def test_probes_and_scrapes_are_not_traced() -> None:
+    tracing, exporter = traced()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        result = asyncio.run(call(TracingMiddleware(answer, tracing=tracing), scope(path, "GET"), [b""]))
+        assert result.status == 200 and b"x-trace-id" not in result.headers
+    assert spans(tracing, exporter) == ()
+    tracing.shutdown()
