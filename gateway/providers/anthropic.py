@@ -7,10 +7,18 @@ assistant to alternate, and tool results are user-role blocks), and `max_tokens`
 is always sent because the API requires it. Parameters Anthropic cannot honour
 are refused with a 400 naming the provider and the parameter; advisory ones are
 dropped. Answers, streams and errors are translated in `anthropic_response`.
+
+JSON mode (`response_format` json_object / json_schema) is a forced tool: the
+schema becomes the input schema of one tool the model must call (once), and the
+answer carries that call's input as the message content. A forced tool works on
+every model with tool use, where Anthropic's own structured outputs
+(`output_config.format`) only on recent ones. Client tools beside it are refused:
+the forced call would leave the model no way to call them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import orjson
@@ -79,6 +87,22 @@ HANDLED = frozenset(
     }
 )
 _EMPTY_SCHEMA = {"type": "object", "properties": {}}
+# OpenAI's rule for `json_schema.name`, within Anthropic's for tool names.
+_SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# The forced tool of json_object, whose answer is any JSON object.
+JSON_OBJECT_TOOL = "json_object"
+_JSON_TOOL_DESCRIPTION = "Give your whole answer by calling this tool: its input is the answer, as JSON."
+
+
+def json_tool_name(body: dict[str, Any]) -> str | None:
+    """The forced tool carrying a JSON-mode answer, for a request `encode_body` accepted; else None."""
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return JSON_OBJECT_TOOL
+    if kind == "json_schema":
+        return str(fmt["json_schema"]["name"])  # type: ignore[index]  # checked by encode_body
+    return None
 
 
 class AnthropicConfig(ProviderConfig, frozen=True, tag="anthropic"):
@@ -117,10 +141,10 @@ class AnthropicAdapter(Adapter):
         return orjson.dumps(RequestTranslator(self.name, self.config).translate(body, target))
 
     def translate_response(self, op: Operation, request: dict[str, Any], body: bytes) -> bytes:
-        return translate_message(body, self.name)
+        return translate_message(body, self.name, json_tool_name(request))
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
-        return AnthropicStreamTranslator(self.name, client_asks_usage(body))
+        return AnthropicStreamTranslator(self.name, client_asks_usage(body), json_tool_name(body))
 
     def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
         return translate_error(status, raw, self.name)
@@ -157,7 +181,16 @@ class RequestTranslator:
         user = body.get("user") or body.get("safety_identifier")
         if user:
             out["metadata"] = {"user_id": user}
-        if body.get("tools"):
+        answer_tool = self.json_tool(body.get("response_format"))
+        if answer_tool is not None:
+            out["tools"] = [answer_tool]
+            # One call, so one JSON answer.
+            out["tool_choice"] = {
+                "type": "tool",
+                "name": answer_tool["name"],
+                "disable_parallel_tool_use": True,
+            }
+        elif body.get("tools"):
             out["tools"] = [self.tool(i, tool) for i, tool in enumerate(body["tools"])]
             choice = self.tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
             if choice is not None:
@@ -193,10 +226,17 @@ class RequestTranslator:
         modalities = body.get("modalities")
         if isinstance(modalities, list) and any(m != "text" for m in modalities):
             raise self.refuse("modalities", "answers with text only.")
-        response_format = body.get("response_format")
-        if response_format is not None and response_format != {"type": "text"}:
+        fmt = body.get("response_format")
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if fmt is not None and kind not in ("text", "json_object", "json_schema"):
             raise self.refuse(
-                "response_format", "does not support response_format other than {'type': 'text'}."
+                "response_format", "supports response_format text, json_object and json_schema."
+            )
+        if kind in ("json_object", "json_schema") and body.get("tools"):
+            raise self.refuse(
+                "response_format",
+                "answers in JSON by a forced tool call, which leaves no room for the request's own "
+                "'tools': send either tools or a JSON response_format.",
             )
 
     # -- messages ----------------------------------------------------------------
@@ -333,6 +373,32 @@ class RequestTranslator:
             out["description"] = function["description"]
         out["input_schema"] = function.get("parameters") or _EMPTY_SCHEMA
         return out
+
+    def json_tool(self, fmt: Any) -> dict[str, Any] | None:
+        """The forced tool whose input is the JSON answer `response_format` asks for, or None."""
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            schema: Any = {"type": "object"}  # any JSON object, as OpenAI's JSON mode
+            return {"name": JSON_OBJECT_TOOL, "description": _JSON_TOOL_DESCRIPTION, "input_schema": schema}
+        if kind != "json_schema":
+            return None
+        spec = fmt.get("json_schema")  # type: ignore[union-attr]
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+            raise self.refuse(
+                "response_format.json_schema.name",
+                "needs json_schema.name of a-z, A-Z, 0-9, _ or -, up to 64.",
+            )
+        schema = spec.get("schema") or {"type": "object"}  # type: ignore[union-attr]
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise self.refuse(
+                "response_format.json_schema.schema",
+                "answers JSON objects only: the schema's type must be 'object'.",
+            )
+        description = _JSON_TOOL_DESCRIPTION
+        if isinstance(spec.get("description"), str):  # type: ignore[union-attr]
+            description += " " + spec["description"]  # type: ignore[index]
+        return {"name": name, "description": description, "input_schema": schema}
 
     def tool_choice(self, choice: Any, parallel: Any) -> dict[str, Any] | None:
         out: dict[str, Any]
