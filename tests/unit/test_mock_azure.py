@@ -264,6 +264,15 @@ def test_on_your_data_stream_sends_the_context_with_the_role(client: openai.Azur
     assert finish.choices[0].finish_reason == "stop"
 
 
+def test_sdk_stream_helper_skips_on_your_data_chunks(client: openai.AzureOpenAI) -> None:
+    # Their `object` is not "chat.completion.chunk": the helper's Azure filter drops them all.
+    with client.chat.completions.stream(
+        model="chat-dep", messages=user("leave policy"), extra_body={"data_sources": [SEARCH]}
+    ) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds == []
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
