@@ -97,12 +97,13 @@ _JSON_TOOL_DESCRIPTION = "Give your whole answer by calling this tool: its input
 def json_tool_name(body: dict[str, Any]) -> str | None:
     """The forced tool carrying a JSON-mode answer, for a request `encode_body` accepted; else None."""
     fmt = body.get("response_format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "json_object":
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_object":
         return JSON_OBJECT_TOOL
-    if kind == "json_schema":
-        return str(fmt["json_schema"]["name"])  # type: ignore[index]  # checked by encode_body
-    return None
+    spec = fmt.get("json_schema") if fmt.get("type") == "json_schema" else None
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return name if isinstance(name, str) else None
 
 
 class AnthropicConfig(ProviderConfig, frozen=True, tag="anthropic"):
@@ -382,22 +383,23 @@ class RequestTranslator:
             return {"name": JSON_OBJECT_TOOL, "description": _JSON_TOOL_DESCRIPTION, "input_schema": schema}
         if kind != "json_schema":
             return None
-        spec = fmt.get("json_schema")  # type: ignore[union-attr]
-        name = spec.get("name") if isinstance(spec, dict) else None
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        spec = spec if isinstance(spec, dict) else {}
+        name = spec.get("name")
         if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
             raise self.refuse(
                 "response_format.json_schema.name",
                 "needs json_schema.name of a-z, A-Z, 0-9, _ or -, up to 64.",
             )
-        schema = spec.get("schema") or {"type": "object"}  # type: ignore[union-attr]
+        schema = spec.get("schema") or {"type": "object"}
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise self.refuse(
                 "response_format.json_schema.schema",
                 "answers JSON objects only: the schema's type must be 'object'.",
             )
         description = _JSON_TOOL_DESCRIPTION
-        if isinstance(spec.get("description"), str):  # type: ignore[union-attr]
-            description += " " + spec["description"]  # type: ignore[index]
+        if isinstance(spec.get("description"), str):
+            description += " " + spec["description"]
         return {"name": name, "description": description, "input_schema": schema}
 
     def tool_choice(self, choice: Any, parallel: Any) -> dict[str, Any] | None:
