@@ -8,22 +8,19 @@ is always sent because the API requires it. Parameters Anthropic cannot honour
 are refused with a 400 naming the provider and the parameter; advisory ones are
 dropped. Answers, streams and errors are translated in `anthropic_response`.
 
-JSON mode (`response_format` json_object / json_schema) is a forced tool: the
-schema becomes the input schema of one tool the model must call (once), and the
-answer carries that call's input as the message content. A forced tool works on
-every model with tool use, where Anthropic's own structured outputs
-(`output_config.format`) only on recent ones. Client tools beside it are refused:
-the forced call would leave the model no way to call them.
+JSON mode (`response_format` json_object / json_schema) is a forced tool, built in
+`anthropic_json`; client tools beside it are refused, since the forced call would
+leave the model no way to call them.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 import orjson
 
 from gateway.errors import InvalidRequest, UnsupportedOperation
+from gateway.providers import anthropic_json
 from gateway.providers.anthropic_response import (
     AnthropicStreamTranslator,
     translate_error,
@@ -87,23 +84,6 @@ HANDLED = frozenset(
     }
 )
 _EMPTY_SCHEMA = {"type": "object", "properties": {}}
-# OpenAI's rule for `json_schema.name`, within Anthropic's for tool names.
-_SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# The forced tool of json_object, whose answer is any JSON object.
-JSON_OBJECT_TOOL = "json_object"
-_JSON_TOOL_DESCRIPTION = "Give your whole answer by calling this tool: its input is the answer, as JSON."
-
-
-def json_tool_name(body: dict[str, Any]) -> str | None:
-    """The forced tool carrying a JSON-mode answer, for a request `encode_body` accepted; else None."""
-    fmt = body.get("response_format")
-    if not isinstance(fmt, dict):
-        return None
-    if fmt.get("type") == "json_object":
-        return JSON_OBJECT_TOOL
-    spec = fmt.get("json_schema") if fmt.get("type") == "json_schema" else None
-    name = spec.get("name") if isinstance(spec, dict) else None
-    return name if isinstance(name, str) else None
 
 
 class AnthropicConfig(ProviderConfig, frozen=True, tag="anthropic"):
@@ -142,10 +122,11 @@ class AnthropicAdapter(Adapter):
         return orjson.dumps(RequestTranslator(self.name, self.config).translate(body, target))
 
     def translate_response(self, op: Operation, request: dict[str, Any], body: bytes) -> bytes:
-        return translate_message(body, self.name, json_tool_name(request))
+        return translate_message(body, self.name, anthropic_json.answer_tool_name(request))
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
-        return AnthropicStreamTranslator(self.name, client_asks_usage(body), json_tool_name(body))
+        answer_tool = anthropic_json.answer_tool_name(body)
+        return AnthropicStreamTranslator(self.name, client_asks_usage(body), answer_tool)
 
     def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
         return translate_error(status, raw, self.name)
@@ -182,7 +163,7 @@ class RequestTranslator:
         user = body.get("user") or body.get("safety_identifier")
         if user:
             out["metadata"] = {"user_id": user}
-        answer_tool = self.json_tool(body.get("response_format"))
+        answer_tool = anthropic_json.answer_tool(body.get("response_format"), self.provider)
         if answer_tool is not None:
             out["tools"] = [answer_tool]
             # One call, so one JSON answer.
@@ -374,33 +355,6 @@ class RequestTranslator:
             out["description"] = function["description"]
         out["input_schema"] = function.get("parameters") or _EMPTY_SCHEMA
         return out
-
-    def json_tool(self, fmt: Any) -> dict[str, Any] | None:
-        """The forced tool whose input is the JSON answer `response_format` asks for, or None."""
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind == "json_object":
-            schema: Any = {"type": "object"}  # any JSON object, as OpenAI's JSON mode
-            return {"name": JSON_OBJECT_TOOL, "description": _JSON_TOOL_DESCRIPTION, "input_schema": schema}
-        if kind != "json_schema":
-            return None
-        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
-        spec = spec if isinstance(spec, dict) else {}
-        name = spec.get("name")
-        if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
-            raise self.refuse(
-                "response_format.json_schema.name",
-                "needs json_schema.name of a-z, A-Z, 0-9, _ or -, up to 64.",
-            )
-        schema = spec.get("schema") or {"type": "object"}
-        if not isinstance(schema, dict) or schema.get("type") != "object":
-            raise self.refuse(
-                "response_format.json_schema.schema",
-                "answers JSON objects only: the schema's type must be 'object'.",
-            )
-        description = _JSON_TOOL_DESCRIPTION
-        if isinstance(spec.get("description"), str):
-            description += " " + spec["description"]
-        return {"name": name, "description": description, "input_schema": schema}
 
     def tool_choice(self, choice: Any, parallel: Any) -> dict[str, Any] | None:
         out: dict[str, Any]

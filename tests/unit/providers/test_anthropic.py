@@ -410,32 +410,13 @@ def test_bad_tools_are_400(fields: dict[str, Any], param: str) -> None:
     assert refused({"messages": [user("x")], **fields}).param == param
 
 
-def test_json_object_is_a_forced_tool_taking_any_object() -> None:
+def test_json_mode_forces_the_answer_tool_once() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}}}
     body = encode(
-        {"messages": [user("x")], "response_format": {"type": "json_object"}, "tool_choice": "none"}
+        {"messages": [user("x")], "response_format": fmt, "tool_choice": "none", "parallel_tool_calls": True}
     )
-    (tool,) = body["tools"]
-    assert (tool["name"], tool["input_schema"]) == ("json_object", {"type": "object"})
-    assert tool["description"]
-    assert body["tool_choice"] == {"type": "tool", "name": "json_object", "disable_parallel_tool_use": True}
-
-
-def test_json_schema_is_a_forced_tool_with_that_schema() -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    fmt = {
-        "type": "json_schema",
-        "json_schema": {"name": "city", "description": "A city.", "schema": schema, "strict": True},
-    }
-    body = encode({"messages": [user("x")], "response_format": fmt, "parallel_tool_calls": True})
-    (tool,) = body["tools"]
-    assert (tool["name"], tool["input_schema"]) == ("city", schema)
-    assert tool["description"].endswith(" A city.")
+    assert [t["name"] for t in body["tools"]] == ["city"]
     assert body["tool_choice"] == {"type": "tool", "name": "city", "disable_parallel_tool_use": True}
-
-    bare = encode(
-        {"messages": [user("x")], "response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}
-    )
-    assert bare["tools"][0]["input_schema"] == {"type": "object"}
 
 
 def test_text_response_format_sends_no_tool() -> None:
