@@ -205,6 +205,8 @@ def validate(payload: Any) -> str | None:
     for i, tool in enumerate(payload.get("tools") or []):
         if not isinstance(tool, dict) or "input_schema" not in tool or "name" not in tool:
             return f"tools.{i}.input_schema: Field required"
+        if not isinstance(tool["input_schema"], dict) or tool["input_schema"].get("type") != "object":
+            return f"tools.{i}.input_schema.type: Input should be 'object'"
     pending: set[str] = set()  # tool_use ids the next message must answer
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):

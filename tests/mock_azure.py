@@ -21,6 +21,14 @@ As the real service does (inference spec `stable/2024-10-21`, and answers seen f
 - `mock.filter_prompt(...)` answers Azure's content-filter 400, `mock.throttle(...)` its 429
   with `retry-after` and `retry-after-ms`; `behave(status=...)` uses Azure's error bodies.
 
+On Your Data (`data_sources`, api-version 2024-02-01 and later): the array must hold one
+source of a known `type` with `parameters` (else Azure's 400), `logprobs` is refused beside
+it, and the answer is shaped as Azure shapes it: `object` "extensions.chat.completion"
+(streamed: "extensions.chat.completion.chunk"), the assistant message's `context` with one
+citation from the source's `index_name` and the `intent` (a JSON list of the search
+queries: here the last user message), and `end_turn`; a stream carries the `context`
+in the first delta, beside the role.
+
 Chat requests with `tools` get a tool call (to `tool_choice`'s function, else the first
 tool) whose arguments fill the function's first parameter with the last user message; a
 conversation that ends with a tool result is answered by echoing that result. Everything
@@ -45,6 +53,10 @@ API_KEY = "azure-upstream-key-0f1e2d3c4b5a69788796a5b4"
 API_VERSIONS = frozenset(
     {"2024-02-01", "2024-06-01", "2024-10-21", "2024-12-01-preview", "2025-04-01-preview"}
 )
+
+
+# On Your Data's source types (inference spec 2024-10-21; elasticsearch, pinecone and mongo_db in previews).
+DATA_SOURCE_TYPES = frozenset({"azure_search", "azure_cosmos_db", "elasticsearch", "pinecone", "mongo_db"})
 
 
 @dataclass(frozen=True)
@@ -230,7 +242,14 @@ class AzureConnection(Connection):
             # Azure routes on the URL: the body's model is optional and ignored.
             payload = {**payload, "model": name}
         stream = isinstance(payload, dict) and payload.get("stream") is True
-        self._answer = _Answer(deployment, stream)
+        context = None
+        if isinstance(payload, dict) and "data_sources" in payload:
+            problem = _data_sources_problem(payload)
+            if problem is not None:
+                await self._send_json(400, azure_error(400, code="BadRequest", message=problem))
+                return
+            context = on_your_data_context(payload)
+        self._answer = _Answer(deployment, stream, context)
         try:
             if isinstance(payload, dict) and operation == "chat/completions" and payload.get("tools"):
                 messages: list[Any] = payload.get("messages") or []
@@ -310,9 +329,10 @@ class AzureConnection(Connection):
 class _Answer:
     """Turns the OpenAI answer MockOpenAI wrote for one request into what Azure sends."""
 
-    def __init__(self, deployment: Deployment, stream: bool) -> None:
+    def __init__(self, deployment: Deployment, stream: bool, context: dict[str, Any] | None = None) -> None:
         self.deployment = deployment
         self.stream = stream
+        self.context = context  # On Your Data's citations and intent, when the request named a source
         self.sent = 0  # answer chunks so far (stream)
         self.text = 0  # characters of content so far, for the async filter's offsets
 
@@ -323,6 +343,10 @@ class _Answer:
             answer["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": PROMPT_FILTER}]
             for choice in answer["choices"]:
                 choice["content_filter_results"] = CHOICE_FILTER
+                if self.context is not None:
+                    choice["message"].update(end_turn=True, context=self.context)
+            if self.context is not None:
+                answer["object"] = "extensions.chat.completion"
         elif answer.get("data") and "embedding" not in answer["data"][0]:
             for image in answer["data"]:
                 image["content_filter_results"] = IMAGE_FILTER
@@ -346,6 +370,12 @@ class _Answer:
             # Azure rates each piece of content (synchronous filter); role and finish chunks carry `{}`.
             rated = bool(piece) and not self.deployment.async_filter
             choice["content_filter_results"] = CHOICE_FILTER if rated else {}
+            if self.context is not None and "delta" in choice:
+                if "role" in choice["delta"]:
+                    choice["delta"]["context"] = self.context
+                choice["end_turn"] = choice.get("finish_reason") is not None
+        if self.context is not None:
+            chunk["object"] = "extensions.chat.completion.chunk"
         out.append(b"data: " + _compact(chunk) + b"\n\n")
         finished = any(c.get("finish_reason") for c in chunk["choices"])
         if self.deployment.async_filter and chunk["choices"] and (self.sent == 2 or finished):
@@ -366,6 +396,40 @@ def _annotation(choices: list[dict[str, Any]], **extra: Any) -> bytes:
     """An Azure-only stream event: no id, model or timestamp, and an empty `object`."""
     event = {"choices": choices, "created": 0, "id": "", "model": "", "object": "", **extra}
     return b"data: " + _compact(event) + b"\n\n"
+
+
+def _data_sources_problem(payload: dict[str, Any]) -> str | None:
+    """Azure's validation of On Your Data's request, worded as its 400s are, or None."""
+    sources = payload["data_sources"]
+    if not isinstance(sources, list) or len(sources) != 1:
+        return "Validation error at #/data_sources: exactly one data source is supported."
+    source = sources[0]
+    if not isinstance(source, dict) or source.get("type") not in DATA_SOURCE_TYPES:
+        return "Validation error at #/data_sources/0/type: unknown data source type."
+    if not isinstance(source.get("parameters"), dict):
+        return (
+            f"Validation error at #/data_sources/0/{source['type']}/parameters: Required property not found."
+        )
+    if payload.get("logprobs") or payload.get("top_logprobs"):
+        return "logprobs and top_logprobs are not supported with data_sources."
+    return None
+
+
+def on_your_data_context(payload: dict[str, Any]) -> dict[str, Any]:
+    """The `context` On Your Data adds to the answer: one citation from the source, and the intent."""
+    parameters = payload["data_sources"][0]["parameters"]
+    index = str(parameters.get("index_name") or parameters.get("container_name") or "index")
+    users = [m for m in payload.get("messages") or () if isinstance(m, dict) and m.get("role") == "user"]
+    question = users[-1].get("content") if users else ""
+    question = question if isinstance(question, str) else ""
+    citation = {
+        "content": f"From {index}: notes on {question}",
+        "title": f"{index}-doc1",
+        "url": f"https://search.mock/{index}/doc1.md",
+        "filepath": "doc1.md",
+        "chunk_id": "0",
+    }
+    return {"citations": [citation], "intent": json.dumps([question])}
 
 
 def tool_call(payload: dict[str, Any], ident: int) -> dict[str, Any]:

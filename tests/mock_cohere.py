@@ -7,7 +7,8 @@ resets, slow heads, hangs) and speaks Cohere's wire format from its API referenc
                      or "tool said: ..." when the conversation ends with tool results.
                      With `tools` in the request, each "call NAME {json}" in the last
                      user message (NAME one of the tools) becomes a tool call with
-                     those JSON arguments ("call NAME" alone: `{}`).
+                     those JSON arguments ("call NAME" alone: `{}`); `tool_choice`
+                     REQUIRED calls the first tool (arguments `{}`) when none is asked for.
                      `max_tokens` (whitespace words) and `stop_sequences` cut the reply
                      with finish reasons MAX_TOKENS and STOP_SEQUENCE.
     POST /v2/embed   `embeddings.float` / `embeddings.base64` (float32 little-endian), with
@@ -317,6 +318,8 @@ def reply(payload: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], str
     last_user = _text(users[-1].get("content")) if users else ""
     if not results and payload.get("tools") and payload.get("tool_choice") != "NONE":
         calls = _tool_calls(payload, last_user)
+        if not calls and payload.get("tool_choice") == "REQUIRED":
+            calls = _tool_calls(payload, "call " + payload["tools"][0]["function"]["name"])
         if calls:
             return [f"I will call {', '.join(c['function']['name'] for c in calls)}."], calls, "TOOL_CALL"
     text = "tool said: " + "; ".join(results) if results else "echo: " + last_user

@@ -2,7 +2,8 @@
 
 Open `base.py` first (the `Adapter` interface, capabilities, usage found in answer bytes).
 `openai.py` is the OpenAI-compatible family, relayed as is; `azure.py` adds Azure's URLs;
-`anthropic.py` and `cohere.py` translate requests, their `*_response.py` the answers and streams.
+`anthropic.py` and `cohere.py` translate requests, their `*_response.py` the answers and streams
+(`anthropic_json.py`: Anthropic's JSON mode as a forced tool).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ assistant to alternate, and tool results are user-role blocks), and `max_tokens`
 is always sent because the API requires it. Parameters Anthropic cannot honour
 are refused with a 400 naming the provider and the parameter; advisory ones are
 dropped. Answers, streams and errors are translated in `anthropic_response`.
+
+JSON mode (`response_format` json_object / json_schema) is a forced tool, built in
+`anthropic_json`; client tools beside it are refused, since the forced call would
+leave the model no way to call them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, ClassVar
 import orjson
 
 from gateway.errors import InvalidRequest, UnsupportedOperation
+from gateway.providers import anthropic_json
 from gateway.providers.anthropic_response import (
     AnthropicStreamTranslator,
     translate_error,
@@ -117,10 +122,11 @@ class AnthropicAdapter(Adapter):
         return orjson.dumps(RequestTranslator(self.name, self.config).translate(body, target))
 
     def translate_response(self, op: Operation, request: dict[str, Any], body: bytes) -> bytes:
-        return translate_message(body, self.name)
+        return translate_message(body, self.name, anthropic_json.answer_tool_name(request))
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
-        return AnthropicStreamTranslator(self.name, client_asks_usage(body))
+        answer_tool = anthropic_json.answer_tool_name(body)
+        return AnthropicStreamTranslator(self.name, client_asks_usage(body), answer_tool)
 
     def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
         return translate_error(status, raw, self.name)
@@ -157,7 +163,16 @@ class RequestTranslator:
         user = body.get("user") or body.get("safety_identifier")
         if user:
             out["metadata"] = {"user_id": user}
-        if body.get("tools"):
+        answer_tool = anthropic_json.answer_tool(body.get("response_format"), self.provider)
+        if answer_tool is not None:
+            out["tools"] = [answer_tool]
+            # One call, so one JSON answer.
+            out["tool_choice"] = {
+                "type": "tool",
+                "name": answer_tool["name"],
+                "disable_parallel_tool_use": True,
+            }
+        elif body.get("tools"):
             out["tools"] = [self.tool(i, tool) for i, tool in enumerate(body["tools"])]
             choice = self.tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
             if choice is not None:
@@ -193,10 +208,17 @@ class RequestTranslator:
         modalities = body.get("modalities")
         if isinstance(modalities, list) and any(m != "text" for m in modalities):
             raise self.refuse("modalities", "answers with text only.")
-        response_format = body.get("response_format")
-        if response_format is not None and response_format != {"type": "text"}:
+        fmt = body.get("response_format")
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if fmt is not None and kind not in ("text", "json_object", "json_schema"):
             raise self.refuse(
-                "response_format", "does not support response_format other than {'type': 'text'}."
+                "response_format", "supports response_format text, json_object and json_schema."
+            )
+        if kind in ("json_object", "json_schema") and body.get("tools"):
+            raise self.refuse(
+                "response_format",
+                "answers in JSON by a forced tool call, which leaves no room for the request's own "
+                "'tools': send either tools or a JSON response_format.",
             )
 
     # -- messages ----------------------------------------------------------------

@@ -4,6 +4,10 @@
     event stream     -> chat.completion.chunk events, then `data: [DONE]`
     error body/event -> {"error": {message, type, param, code}}, 529 overloaded -> 503
 
+In JSON mode (`json_tool`, the forced tool of `response_format`) that tool's call is
+the answer: its input becomes the message content (streamed: its `input_json_delta`
+fragments become content deltas) and its `tool_use` stop reason "stop".
+
 Prompt tokens are everything Anthropic read: `input_tokens` plus the cache's
 `cache_creation_input_tokens` and `cache_read_input_tokens` (the API counts them
 apart); the part read from the cache is `prompt_tokens_details.cached_tokens`.
@@ -34,7 +38,9 @@ OVERLOADED = 529
 MAX_EVENT_BYTES = 1 << 20
 
 
-def finish_reason(stop_reason: Any) -> str:
+def finish_reason(stop_reason: Any, json_tool: str | None = None) -> str:
+    if stop_reason == "tool_use" and json_tool is not None:
+        return "stop"  # the forced JSON tool's call is the answer, not a call for the client to make
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
@@ -55,8 +61,8 @@ def _malformed(provider: str, what: str) -> UpstreamError:
     return UpstreamError(f"Upstream provider '{provider}' (anthropic) sent {what}.")
 
 
-def translate_message(raw: bytes, provider: str) -> bytes:
-    """A Messages API message as a chat.completion."""
+def translate_message(raw: bytes, provider: str, json_tool: str | None = None) -> bytes:
+    """A Messages API message as a chat.completion (`json_tool`: see the module docstring)."""
     try:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -69,6 +75,8 @@ def translate_message(raw: bytes, provider: str) -> bytes:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             texts.append(block.get("text") or "")
+        elif kind == "tool_use" and json_tool is not None and block.get("name") == json_tool:
+            texts.append(orjson.dumps(block.get("input") or {}).decode())
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
             function = {"name": block.get("name"), "arguments": arguments}
@@ -97,7 +105,7 @@ def translate_message(raw: bytes, provider: str) -> bytes:
                     "index": 0,
                     "message": reply,
                     "logprobs": None,
-                    "finish_reason": finish_reason(message.get("stop_reason")),
+                    "finish_reason": finish_reason(message.get("stop_reason"), json_tool),
                 }
             ],
             "usage": usage(prompt, cached, _count(counts.get("output_tokens"))),
@@ -151,8 +159,9 @@ class AnthropicStreamTranslator(StreamTranslator):
     """Messages API events -> chat.completion.chunk events, one event at a time.
 
     message_start       -> the role chunk (id, model, prompt usage noted)
-    content_block_start -> tool_use: the tool call's id and name (arguments "")
-    content_block_delta -> text_delta: content; input_json_delta: an argument fragment
+    content_block_start -> tool_use: the tool call's id and name (arguments ""); JSON tool: nothing
+    content_block_delta -> text_delta: content; input_json_delta: an argument fragment (JSON tool:
+                           content)
     message_delta       -> finish reason and output usage noted
     message_stop        -> the finish chunk, then the usage chunk if asked for (`usage` either way)
     error               -> an `error` event the SDKs raise; the stream ends there
@@ -167,6 +176,8 @@ class AnthropicStreamTranslator(StreamTranslator):
         "head",
         "include_usage",
         "input",
+        "json_block",
+        "json_tool",
         "pending",
         "provider",
         "reason",
@@ -179,9 +190,11 @@ class AnthropicStreamTranslator(StreamTranslator):
         "usage_null",
     )
 
-    def __init__(self, provider: str, include_usage: bool) -> None:
+    def __init__(self, provider: str, include_usage: bool, json_tool: str | None = None) -> None:
         self.provider = provider
         self.include_usage = include_usage
+        self.json_tool = json_tool
+        self.json_block: Any = None  # the content block index of the JSON tool's call, once started
         self.pending = b""
         self.state = _WAITING
         # Every chunk is `head + delta + tail`; head carries the id, created and model of message_start.
@@ -246,7 +259,7 @@ class AnthropicStreamTranslator(StreamTranslator):
             self.check_open(kind)
             delta = event.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason") is not None:
-                self.reason = finish_reason(delta["stop_reason"])
+                self.reason = finish_reason(delta["stop_reason"], self.json_tool)
             self.count(event.get("usage"))
             return b""
         if kind == "message_stop":
@@ -267,8 +280,10 @@ class AnthropicStreamTranslator(StreamTranslator):
             text = delta.get("text")
             return self.text_head + orjson.dumps(text) + self.text_tail if text else b""
         if kind == "input_json_delta":
-            index = self.tools.get(event.get("index"))
             fragment = delta.get("partial_json")
+            if self.json_block is not None and event.get("index") == self.json_block:
+                return self.text_head + orjson.dumps(fragment) + self.text_tail if fragment else b""
+            index = self.tools.get(event.get("index"))
             if index is None or not fragment:
                 return b""
             call = b'{"tool_calls":[{"index":%d,"function":{"arguments":' % index
@@ -280,6 +295,9 @@ class AnthropicStreamTranslator(StreamTranslator):
         if not isinstance(block, dict):
             return b""
         kind = block.get("type")
+        if kind == "tool_use" and self.json_tool is not None and block.get("name") == self.json_tool:
+            self.json_block = event.get("index")
+            return b""  # its input arrives as input_json_delta fragments, relayed as content
         if kind == "tool_use":
             index = self.tools[event.get("index")] = len(self.tools)
             call = {

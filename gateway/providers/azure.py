@@ -5,9 +5,14 @@ A request for deployment `D` goes to
 key in `api-key`. The body is OpenAI's, sent as the client wrote it with `model`
 set to the deployment name: Azure routes on the URL and ignores the field, and it
 is what the official `AzureOpenAI` client sends too, so no work is spent removing it.
-Azure's one request extension with reach, "On Your Data" (`data_sources`), is
-refused: it names search indexes and credentials, the resource's managed identity
-among them, for Azure to read from, which is not the client's to choose.
+Azure's one request extension with reach, "On Your Data" (`data_sources`), names
+search indexes and credentials, the resource's managed identity among them, for
+Azure to read from: a client could aim the resource's identity at any index it can
+read. So it is refused unless the provider entry opts in (`allow_data_sources`), and
+only api-versions from 2024-02-01 take it (earlier previews spelled it `dataSources`,
+on another path; always refused). Its answers are relayed as they come, the message's
+`context` (citations, intent) included; streamed, that context rides in the first
+chunk, whose `object` ("extensions.chat.completion.chunk") the filter below keeps.
 
 Answers are relayed as bytes. Azure adds `prompt_filter_results` and per-choice
 `content_filter_results` fields, which OpenAI clients ignore, so JSON answers and
@@ -52,6 +57,8 @@ DEFAULT_API_VERSION = "2024-10-21"
 ApiVersion = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$")]
 # The first api-version that accepts `stream_options`; older ones refuse the field.
 STREAM_OPTIONS_VERSION = "2024-08-01-preview"
+# The first api-version with On Your Data's `data_sources` on the chat completions path (GA).
+DATA_SOURCES_VERSION = "2024-02-01"
 
 
 class AzureOpenAIConfig(OpenAIWireConfig, frozen=True, tag="azure_openai"):
@@ -62,6 +69,9 @@ class AzureOpenAIConfig(OpenAIWireConfig, frozen=True, tag="azure_openai"):
     """
 
     api_version: ApiVersion = DEFAULT_API_VERSION
+    # Relay clients' On Your Data `data_sources`: they choose the index (and may name the
+    # resource's managed identity to read it), so only for clients trusted with that.
+    allow_data_sources: bool = False
 
     default_capabilities: ClassVar[frozenset[Capability]] = frozenset(Capability)
 
@@ -72,16 +82,18 @@ class AzureOpenAIConfig(OpenAIWireConfig, frozen=True, tag="azure_openai"):
                 "base_url: give the resource endpoint (https://NAME.openai.azure.com), "
                 "without /openai or a deployment path"
             )
+        # ISO dates compare as strings.
+        if self.allow_data_sources and self.api_version < DATA_SOURCES_VERSION:
+            raise ValueError(
+                f"allow_data_sources: On Your Data's data_sources needs api_version {DATA_SOURCES_VERSION} "
+                f"or later (this entry has {self.api_version})"
+            )
 
     @property
     def asks_stream_usage(self) -> bool:
         if self.stream_usage is None:
             return self.api_version >= STREAM_OPTIONS_VERSION  # ISO dates compare as strings
         return self.stream_usage
-
-
-# "On Your Data", as the GA API spells it and as the 2023 previews did.
-_REFUSED = ("data_sources", "dataSources")
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
@@ -109,13 +121,18 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         return f"{self.config.url}/openai/models?api-version={self.config.api_version}"
 
     def encode_body(self, op: Operation, body: dict[str, Any], target: Target) -> bytes:
-        for param in _REFUSED:
-            if param in body:
-                raise InvalidRequest(
-                    f"Provider '{self.name}' (azure_openai) does not support '{param}': Azure's "
-                    "On Your Data extension is not part of the OpenAI API this gateway serves.",
-                    param=param,
-                )
+        if "data_sources" in body and not self.config.allow_data_sources:
+            raise InvalidRequest(
+                f"Provider '{self.name}' (azure_openai) does not accept 'data_sources': Azure's On Your "
+                "Data is not enabled for this provider.",
+                param="data_sources",
+            )
+        if "dataSources" in body:
+            raise InvalidRequest(
+                f"Provider '{self.name}' (azure_openai) does not accept 'dataSources': that is the 2023 "
+                "previews' spelling; On Your Data takes 'data_sources' where the provider enables it.",
+                param="dataSources",
+            )
         return super().encode_body(op, body, target)
 
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:

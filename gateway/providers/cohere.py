@@ -96,6 +96,7 @@ class CohereAdapter(Adapter):
 
     def _chat(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
         out: dict[str, Any] = {"model": target.model}
+        named: str | None = None
         for key, value in body.items():
             # OpenAI reads an explicit null as "not set".
             if value is None or key in _DROPPED or key in _HANDLED:
@@ -121,12 +122,16 @@ class CohereAdapter(Adapter):
                 choice = self._tool_choice(value)
                 if choice is not None:
                     out["tool_choice"] = choice
+                named = _named_function(value)
             elif key == "response_format":
                 out.update(self._response_format(value))
             else:
                 self._check_unsupported(key, value)
         if "messages" not in out:
             raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
+        if named is not None:
+            out.pop("strict_tools", None)  # recomputed from the one tool kept
+            out.update(self._only_tool(body.get("tools"), named))
         return out
 
     def _check_unsupported(self, key: str, value: Any) -> None:
@@ -212,11 +217,30 @@ class CohereAdapter(Adapter):
             return None
         if isinstance(choice, str) and choice in _TOOL_CHOICE:
             return _TOOL_CHOICE[choice]
+        if _named_function(choice) is not None:
+            return "REQUIRED"
         raise self._refuse(
             "tool_choice",
-            "Cohere can require some tool call or forbid them ('required', 'none', 'auto'), "
-            "but cannot force a named tool.",
+            "use 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}.",
         )
+
+    def _only_tool(self, tools: Any, name: str) -> dict[str, Any]:
+        """The tools of a request whose tool_choice names one function: that one alone.
+
+        Cohere's tool_choice can only require *some* call (REQUIRED), so a named choice is
+        REQUIRED with the other tools left out: the model can then call only the named one
+        (possibly more than once, as with OpenAI's named choice and parallel calls).
+        """
+        chosen = [
+            tool
+            for tool in tools or ()
+            if isinstance(tool, dict) and (tool.get("function") or {}).get("name") == name
+        ]
+        if not chosen:
+            raise InvalidRequest(
+                f"tool_choice names the function {name!r}, which is not in 'tools'.", param="tool_choice"
+            )
+        return self._tools(chosen[:1])
 
     def _response_format(self, fmt: Any) -> dict[str, Any]:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -257,6 +281,15 @@ class CohereAdapter(Adapter):
             else:
                 raise self._refuse(key, "it has no Cohere equivalent.")
         return out
+
+
+def _named_function(choice: Any) -> str | None:
+    """The function an OpenAI `tool_choice` names (`{"type": "function", "function": {"name"}}`), or None."""
+    if not isinstance(choice, dict) or choice.get("type") != "function":
+        return None
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _is_number(value: Any) -> bool:

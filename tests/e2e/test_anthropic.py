@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam, ChatCompletionToolParam
 
@@ -362,6 +363,43 @@ def test_parallel_tool_calls_false_and_named_choice(client: openai.OpenAI, mock:
     assert second["tools"][1] == {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}
 
 
+class City(pydantic.BaseModel):
+    city: str
+    population: int
+
+
+def test_json_schema_answers_parse_with_the_sdk(client: openai.OpenAI, mock: MockAnthropic) -> None:
+    ask = user('call City {"city": "Paris", "population": 2100000}')
+    completion = client.chat.completions.parse(model="claude", messages=ask, response_format=City)
+    choice = completion.choices[0]
+    assert choice.message.parsed == City(city="Paris", population=2100000)
+    assert (choice.finish_reason, choice.message.tool_calls) == ("stop", None)
+
+    with client.chat.completions.stream(model="claude", messages=ask, response_format=City) as stream:
+        contents = [e.delta for e in stream if e.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert len(contents) > 1  # the tool input's fragments, streamed as they came
+    assert final.choices[0].message.parsed == City(city="Paris", population=2100000)
+    assert final.choices[0].finish_reason == "stop"
+
+    sent = mock.requests[0].json()
+    (tool,) = sent["tools"]
+    assert tool["name"] == "City"
+    assert tool["input_schema"]["required"] == ["city", "population"]
+    assert sent["tool_choice"] == {"type": "tool", "name": "City", "disable_parallel_tool_use": True}
+
+
+def test_json_object_answer_is_json_content(client: openai.OpenAI, mock: MockAnthropic) -> None:
+    completion = client.chat.completions.create(
+        model="claude",
+        messages=user('answer in JSON: call json_object {"ok": true}'),
+        response_format={"type": "json_object"},
+    )
+    assert json.loads(completion.choices[0].message.content or "") == {"ok": True}
+    assert completion.choices[0].finish_reason == "stop"
+    assert mock.requests[0].json()["tools"][0]["input_schema"] == {"type": "object"}
+
+
 def test_image_parts(client: openai.OpenAI, mock: MockAnthropic) -> None:
     client.chat.completions.create(
         model="claude",
@@ -463,7 +501,7 @@ def test_embeddings_on_an_anthropic_alias_is_refused(client: openai.OpenAI, mock
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}, "tools": [WEATHER]}, "response_format"),
         ({"temperature": 1.5}, "temperature"),
     ],
 )

@@ -46,7 +46,7 @@ TOOLS: list[ChatCompletionToolParam] = [
 
 
 def azure_config(mock: MockAzure) -> dict[str, Any]:
-    def provider(**fields: str) -> dict[str, str]:
+    def provider(**fields: Any) -> dict[str, Any]:
         return {"type": "azure_openai", "base_url": mock.url, "api_key": AZURE_KEY, **fields}
 
     aliases = {
@@ -58,6 +58,7 @@ def azure_config(mock: MockAzure) -> dict[str, Any]:
         "az-retired": ("azure", "retired-dep"),  # no such deployment on the resource
         "az-badkey": ("azure-badkey", "chat-dep"),
         "az-old": ("azure-old", "chat-dep"),
+        "az-data": ("azure-data", "chat-dep"),
     }
     return {
         "store": {"url": "memory://"},
@@ -66,6 +67,7 @@ def azure_config(mock: MockAzure) -> dict[str, Any]:
             "azure": provider(),
             "azure-badkey": provider(api_key=WRONG_AZURE_KEY),
             "azure-old": provider(api_version="2023-01-01"),  # well-formed, but the resource refuses it
+            "azure-data": provider(allow_data_sources=True),
         },
         "models": [
             {"name": name, "deployments": [{"provider": p, "model": m}]} for name, (p, m) in aliases.items()
@@ -394,7 +396,76 @@ def test_on_your_data_is_refused_before_azure(client: openai.OpenAI, azure: Mock
 
     error = openai_error(err.value, 400)
     assert (error["param"], error["type"]) == ("data_sources", "invalid_request_error")
-    assert "'azure' (azure_openai) does not support 'data_sources'" in error["message"]
+    assert "'azure' (azure_openai) does not accept 'data_sources'" in error["message"]
+    assert azure.requests == []
+
+
+SEARCH = {
+    "type": "azure_search",
+    "parameters": {
+        "endpoint": "https://search.example",
+        "index_name": "hr",
+        "authentication": {"type": "api_key", "key": "client-search-key"},
+    },
+}
+
+
+def test_on_your_data_answer_keeps_its_citations(client: openai.OpenAI, azure: MockAzure) -> None:
+    question = unique("leave policy")
+    completion = client.chat.completions.create(
+        model="az-data", messages=user(question), extra_body={"data_sources": [SEARCH]}
+    )
+
+    message = completion.choices[0].message
+    assert message.content == f"echo: {question}"
+    context = (message.model_extra or {})["context"]
+    assert json.loads(context["intent"]) == [question]
+    (citation,) = context["citations"]
+    assert (citation["title"], citation["url"]) == ("hr-doc1", "https://search.mock/hr/doc1.md")
+    assert completion.object == "extensions.chat.completion"  # type: ignore[comparison-overlap]
+    (sent,) = azure.requests
+    assert sent.path == "/openai/deployments/chat-dep/chat/completions"
+    assert sent.json()["data_sources"] == [SEARCH]
+
+
+def test_on_your_data_stream_keeps_the_context_chunk(client: openai.OpenAI, azure: MockAzure) -> None:
+    question = unique("leave policy")
+    with client.chat.completions.create(
+        model="az-data", messages=user(question), stream=True, extra_body={"data_sources": [SEARCH]}
+    ) as stream:
+        chunks = list(stream)
+
+    # Azure's prompt-filter event and the usage event the gateway asked for are gone; the
+    # context chunk, named "extensions.chat.completion.chunk", is not.
+    assert all(c.id and c.choices for c in chunks)
+    first, *rest = chunks
+    context = (first.choices[0].delta.model_extra or {})["context"]
+    assert context["citations"][0]["title"] == "hr-doc1"
+    assert json.loads(context["intent"]) == [question]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == f"echo: {question}"
+    assert rest[-1].choices[0].finish_reason == "stop"
+    assert azure.requests[0].json()["stream_options"] == {"include_usage": True}
+
+
+def test_on_your_data_errors_from_azure_are_openai_shaped(client: openai.OpenAI, azure: MockAzure) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="az-data", messages=user("x"), extra_body={"data_sources": [SEARCH, SEARCH]}
+        )
+    error = openai_error(err.value, 400)
+    assert error["code"] == "BadRequest"
+    assert "exactly one data source" in error["message"]
+    assert len(azure.requests) == 1
+
+
+def test_data_sources_old_spelling_is_refused_even_where_allowed(
+    client: openai.OpenAI, azure: MockAzure
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="az-data", messages=user("x"), extra_body={"dataSources": [SEARCH]}
+        )
+    assert openai_error(err.value, 400)["param"] == "dataSources"
     assert azure.requests == []
 
 

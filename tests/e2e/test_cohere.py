@@ -15,7 +15,11 @@ from typing import Any
 import openai
 import pydantic
 import pytest
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from openai.types.chat import (
+    ChatCompletionMessageParam,
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionToolParam,
+)
 
 from tests.mock_cohere import MockCohere
 from tests.mock_openai import embedding_vector
@@ -281,6 +285,47 @@ def test_tool_choice(client: openai.OpenAI, cohere_mock: MockCohere) -> None:
     assert [r.json()["tool_choice"] for r in cohere_mock.requests] == ["NONE", "REQUIRED"]
 
 
+def test_named_tool_choice(client: openai.OpenAI, cohere_mock: MockCohere) -> None:
+    clock: ChatCompletionToolParam = {"type": "function", "function": {"name": "now"}}
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "what is it like?"}]
+    named: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "now"}}
+    completion = client.chat.completions.create(
+        model="co-chat",
+        messages=messages,
+        tools=[WEATHER, clock],
+        tool_choice=named,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [c.function.name for c in choice.message.tool_calls or [] if c.type == "function"] == ["now"]
+    sent = cohere_mock.requests[0].json()
+    assert (sent["tool_choice"], [t["function"]["name"] for t in sent["tools"]]) == ("REQUIRED", ["now"])
+
+    with client.chat.completions.stream(
+        model="co-chat",
+        messages=messages,
+        tools=[WEATHER, clock],
+        tool_choice=named,
+    ) as stream:
+        streamed = stream.get_final_completion()
+    assert [c.function.name for c in streamed.choices[0].message.tool_calls or []] == ["now"]
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(
+            model="co-chat",
+            messages=messages,
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "now"}},
+        )
+    assert exc.value.body == {
+        "message": "tool_choice names the function 'now', which is not in 'tools'.",
+        "type": "invalid_request_error",
+        "param": "tool_choice",
+        "code": None,
+    }
+    assert len(cohere_mock.requests) == 2  # the refused request never went upstream
+
+
 # -- embeddings -----------------------------------------------------------------------------------
 
 
@@ -445,7 +490,7 @@ def test_capabilities_cohere_lacks_are_400(client: openai.OpenAI, cohere_mock: M
         ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         (
-            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+            {"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
             "tool_choice",
         ),
         ({"parallel_tool_calls": False, "tools": [WEATHER]}, "parallel_tool_calls"),

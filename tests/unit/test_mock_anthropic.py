@@ -15,7 +15,14 @@ import httpx
 import httpx2
 import pydantic
 import pytest
-from anthropic.types import ErrorResponse, Message, MessageParam, RawMessageStreamEvent, ToolParam
+from anthropic.types import (
+    ErrorResponse,
+    Message,
+    MessageParam,
+    RawMessageStreamEvent,
+    ToolChoiceToolParam,
+    ToolParam,
+)
 
 from tests.mock_anthropic import VERSION, MockAnthropic
 
@@ -278,6 +285,30 @@ def test_tool_choice(client: anthropic.Anthropic) -> None:
     assert [b.type for b in single.content] == ["text", "tool_use"]
 
 
+def test_forced_single_tool_call_as_a_json_answer(client: anthropic.Anthropic) -> None:
+    # What the gateway sends for a JSON response_format: one tool, forced, called once.
+    answer: ToolParam = {
+        "name": "city_answer",
+        "description": "Give your whole answer by calling this tool.",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    choice: ToolChoiceToolParam = {"type": "tool", "name": "city_answer", "disable_parallel_tool_use": True}
+    asked = 'call city_answer {"city": "Oslo"} and call city_answer {"city": "Rome"}'
+    message = client.messages.create(
+        model=MODEL, max_tokens=100, tools=[answer], tool_choice=choice, messages=user(asked)
+    )
+    assert message.stop_reason == "tool_use"
+    (call,) = message.content
+    assert call.type == "tool_use"
+    assert (call.name, call.input) == ("city_answer", {"city": "Oslo"})
+
+    with client.messages.stream(
+        model=MODEL, max_tokens=100, tools=[answer], tool_choice=choice, messages=user(asked)
+    ) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "input", None)) for b in final.content] == [("tool_use", {"city": "Oslo"})]
+
+
 # -- authentication and validation ------------------------------------------------------
 
 
@@ -330,6 +361,15 @@ def test_missing_version_header_is_400(mock: MockAnthropic) -> None:
         (
             {"model": MODEL, "max_tokens": 5, "tools": [{"name": "f"}], "messages": user("x")},
             "tools.0.input_schema: Field required",
+        ),
+        (
+            {
+                "model": MODEL,
+                "max_tokens": 5,
+                "tools": [{"name": "f", "input_schema": {"type": "array"}}],
+                "messages": user("x"),
+            },
+            "tools.0.input_schema.type: Input should be 'object'",
         ),
         (
             {"model": MODEL, "max_tokens": 5, "metadata": {"user": "u"}, "messages": user("x")},

@@ -11,6 +11,7 @@ import base64
 import json
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -208,6 +209,87 @@ def test_sdk_stream_helper_skips_azures_events(client: openai.AzureOpenAI) -> No
     assert completion.choices[0].message.content == "echo: kept whole"
     assert completion.id.startswith("chatcmpl-")
     assert completion.model == DEPLOYMENTS["chat-async"].model
+
+
+# -- On Your Data --------------------------------------------------------------------------------
+
+SEARCH = {
+    "type": "azure_search",
+    "parameters": {
+        "endpoint": "https://search.mock",
+        "index_name": "handbook",
+        "authentication": {"type": "api_key", "key": "search-key"},
+    },
+}
+
+
+def test_on_your_data_answer_carries_context_citations_and_intent(
+    client: openai.AzureOpenAI, mock: MockAzure
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat-dep", messages=user("leave policy"), extra_body={"data_sources": [SEARCH]}
+    )
+    completion = raw.parse()
+    answer = json.loads(raw.http_response.content)
+    assert answer["object"] == "extensions.chat.completion"
+    # OpenAI's type but for `object`, and the message's additions the SDK keeps as extras.
+    ChatCompletion.model_validate({**answer, "object": "chat.completion"})
+    message = completion.choices[0].message
+    assert message.content == "echo: leave policy"
+    context = (message.model_extra or {})["context"]
+    assert json.loads(context["intent"]) == ["leave policy"]
+    (citation,) = context["citations"]
+    assert set(citation) == {"content", "title", "url", "filepath", "chunk_id"}
+    assert citation["url"] == "https://search.mock/handbook/doc1.md"
+    assert (message.model_extra or {})["end_turn"] is True
+    assert mock.requests[0].json()["data_sources"] == [SEARCH]
+
+
+def test_on_your_data_stream_sends_the_context_with_the_role(client: openai.AzureOpenAI) -> None:
+    with client.chat.completions.create(
+        model="chat-dep", messages=user("leave policy"), stream=True, extra_body={"data_sources": [SEARCH]}
+    ) as stream:
+        chunks = [c for c in stream if c.id]  # less the prompt-filter event
+
+    assert {c.object for c in chunks} == {"extensions.chat.completion.chunk"}
+    role, *content, finish = chunks
+    assert role.choices[0].delta.role == "assistant"
+    context = (role.choices[0].delta.model_extra or {})["context"]
+    assert context["citations"][0]["title"] == "handbook-doc1"
+    assert all("context" not in (c.choices[0].delta.model_extra or {}) for c in (*content, finish))
+    assert "".join(c.choices[0].delta.content or "" for c in content) == "echo: leave policy"
+    assert [(c.choices[0].model_extra or {})["end_turn"] for c in chunks] == [False] * (len(chunks) - 1) + [
+        True
+    ]
+    assert finish.choices[0].finish_reason == "stop"
+
+
+def test_sdk_stream_helper_skips_on_your_data_chunks(client: openai.AzureOpenAI) -> None:
+    # Their `object` is not "chat.completion.chunk": the helper's Azure filter drops them all.
+    with client.chat.completions.stream(
+        model="chat-dep", messages=user("leave policy"), extra_body={"data_sources": [SEARCH]}
+    ) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"data_sources": []}, "exactly one data source"),
+        ({"data_sources": [SEARCH, SEARCH]}, "exactly one data source"),
+        ({"data_sources": [{"type": "bing", "parameters": {}}]}, "unknown data source type"),
+        ({"data_sources": [{"type": "azure_search"}]}, "Required property"),
+        ({"data_sources": [SEARCH], "logprobs": True}, "not supported with data_sources"),
+    ],
+)
+def test_on_your_data_request_checks_are_400(
+    client: openai.AzureOpenAI, extra: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="chat-dep", messages=user("x"), extra_body=extra)
+    assert exc.value.code == "BadRequest"
+    assert says in exc.value.message
 
 
 @pytest.mark.anyio

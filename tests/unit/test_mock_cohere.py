@@ -184,6 +184,20 @@ def test_no_tool_call_for_unknown_names_or_tool_choice_none(co: cohere.ClientV2)
     assert not response.message.tool_calls
 
 
+def test_tool_choice_required_forces_a_call(co: cohere.ClientV2) -> None:
+    clock = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    messages: Any = [{"role": "user", "content": "what now?"}]
+    response = co.chat(model="command-x", messages=messages, tools=[clock], tool_choice="REQUIRED")  # type: ignore[list-item]
+    assert response.finish_reason == "TOOL_CALL"
+    calls = response.message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("now", "{}")]  # type: ignore[union-attr]
+    # Asked for by name, the call keeps its arguments.
+    messages = [{"role": "user", "content": 'call get_weather {"city": "Rome"}'}]
+    response = co.chat(model="command-x", messages=messages, tools=[WEATHER], tool_choice="REQUIRED")
+    calls = response.message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", '{"city": "Rome"}')]  # type: ignore[union-attr]
+
+
 def test_tool_call_stream(co: cohere.ClientV2, raw: httpx.Client) -> None:
     messages: Any = [{"role": "user", "content": 'call get_weather {"city": "Paris"}'}]
     events = list(co.chat_stream(model="command-x", messages=messages, tools=[WEATHER]))

@@ -148,11 +148,35 @@ def test_deployment_params_are_defaults_under_the_client_values() -> None:
         ({"presence_penalty": 0.1}, "presence_penalty", "'presence_penalty'"),
         ({"frequency_penalty": -1}, "frequency_penalty", "'frequency_penalty'"),
         ({"logit_bias": {"1": 2}}, "logit_bias", "'logit_bias'"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format", "text, json_object and json_schema"),
+        ({"response_format": "json"}, "response_format", "text, json_object and json_schema"),
+        (
+            {
+                "response_format": {"type": "json_object"},
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            "response_format",
+            "send either tools or a JSON response_format",
+        ),
         (
             {"response_format": {"type": "json_schema", "json_schema": {}}},
-            "response_format",
-            "response_format",
+            "response_format.json_schema.name",
+            "json_schema.name",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+            "response_format.json_schema.name",
+            "json_schema.name",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": {"type": "array"}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "type must be 'object'",
         ),
         ({"temperature": 1.2}, "temperature", "between 0 and 1"),
         ({"modalities": ["text", "audio"]}, "modalities", "text only"),
@@ -384,3 +408,17 @@ def test_tool_choice(choice: Any, parallel: Any, expected: dict[str, Any]) -> No
 )
 def test_bad_tools_are_400(fields: dict[str, Any], param: str) -> None:
     assert refused({"messages": [user("x")], **fields}).param == param
+
+
+def test_json_mode_forces_the_answer_tool_once() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}}}
+    body = encode(
+        {"messages": [user("x")], "response_format": fmt, "tool_choice": "none", "parallel_tool_calls": True}
+    )
+    assert [t["name"] for t in body["tools"]] == ["city"]
+    assert body["tool_choice"] == {"type": "tool", "name": "city", "disable_parallel_tool_use": True}
+
+
+def test_text_response_format_sends_no_tool() -> None:
+    body = encode({"messages": [user("x")], "response_format": {"type": "text"}})
+    assert "tools" not in body and "tool_choice" not in body

@@ -347,6 +347,69 @@ def test_tool_calls_stream() -> None:
     assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+# -- JSON mode (response_format as a forced tool) ----------------------------------------------
+
+JSON_SCHEMA_REQUEST = {
+    "model": "m",
+    "messages": [],
+    "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "tool"),
+    [
+        (JSON_SCHEMA_REQUEST, "city"),
+        ({"model": "m", "messages": [], "response_format": {"type": "json_object"}}, "json_object"),
+    ],
+)
+def test_json_mode_answer_is_the_tools_input_as_content(request_fields: dict[str, Any], tool: str) -> None:
+    raw = message(
+        content=[{"type": "tool_use", "id": "toolu_j", "name": tool, "input": {"city": "Zürich", "n": [1]}}],
+        stop_reason="tool_use",
+    )
+    out = adapter().translate_response(CHAT, request_fields, raw)
+    ChatCompletion.model_validate_json(out)
+    (choice,) = orjson.loads(out)["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert "tool_calls" not in choice["message"]
+    assert json.loads(choice["message"]["content"]) == {"city": "Zürich", "n": [1]}
+
+
+def test_json_mode_cut_by_max_tokens_says_length() -> None:
+    raw = message(
+        content=[{"type": "tool_use", "id": "t", "name": "city", "input": {}}], stop_reason="max_tokens"
+    )
+    (choice,) = orjson.loads(adapter().translate_response(CHAT, JSON_SCHEMA_REQUEST, raw))["choices"]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("{}", "length")
+
+
+def json_run(stream: bytes, step: int) -> bytes:
+    t = adapter().stream_translator(CHAT, {**JSON_SCHEMA_REQUEST, "stream": True})
+    assert t is not None
+    return b"".join(t.feed(stream[i : i + step]) for i in range(0, len(stream), step)) + t.finish()
+
+
+@pytest.mark.parametrize("step", [1, 9, 4096])
+def test_json_mode_stream_fragments_are_content_deltas(step: int) -> None:
+    stream = START + tool_block(0, "toolu_j", "city", "", '{"city": ', '"Paris"}') + end("tool_use")
+    out = chunks(json_run(stream, step))
+    assert [c["choices"][0]["delta"] for c in out] == [
+        {"role": "assistant", "content": None},
+        {"content": '{"city": '},
+        {"content": '"Paris"}'},
+        {},
+    ]
+    assert out[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_without_json_mode_a_tool_named_like_the_json_tool_stays_a_tool_call() -> None:
+    stream = START + tool_block(0, "toolu_j", "city", "", "{}") + end("tool_use")
+    out = chunks(run(stream))
+    assert out[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "city"
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_what_has_no_openai_counterpart_is_skipped() -> None:
     stream = (
         START

@@ -160,16 +160,53 @@ def test_a_stream_asks_for_usage_where_the_api_version_accepts_it(
     assert translator.feed(USAGE_EVENT) == (b"" if asked else USAGE_EVENT)
 
 
-@pytest.mark.parametrize("param", ["data_sources", "dataSources"])
-def test_on_your_data_is_refused_naming_provider_and_parameter(param: str) -> None:
-    body = {"messages": [], param: [{"type": "azure_search", "parameters": {"endpoint": "https://x"}}]}
+SOURCES = [{"type": "azure_search", "parameters": {"endpoint": "https://x", "index_name": "docs"}}]
+
+
+@pytest.mark.parametrize(
+    ("allow", "param", "says"),
+    [
+        (False, "data_sources", "On Your Data is not enabled for this provider"),
+        (False, "dataSources", "the 2023 previews' spelling"),
+        (True, "dataSources", "the 2023 previews' spelling"),
+    ],
+)
+def test_on_your_data_is_refused_naming_provider_and_parameter(allow: bool, param: str, says: str) -> None:
+    body = {"messages": [], param: SOURCES}
 
     with pytest.raises(InvalidRequest) as info:
-        adapter().encode_body(Operation.chat, body, Target("gpt-4o-prod"))
+        adapter(allow_data_sources=allow).encode_body(Operation.chat, body, Target("gpt-4o-prod"))
 
     assert info.value.status == 400
     assert info.value.param == param
-    assert info.value.message.startswith(f"Provider 'azure' (azure_openai) does not support '{param}': ")
+    assert info.value.message.startswith(f"Provider 'azure' (azure_openai) does not accept '{param}': ")
+    assert says in info.value.message
+
+
+def test_on_your_data_is_relayed_where_the_provider_allows_it() -> None:
+    body = {"messages": [], "data_sources": SOURCES}
+    sent = orjson.loads(
+        adapter(allow_data_sources=True).encode_body(Operation.chat, body, Target("gpt-4o-prod"))
+    )
+    assert sent == {"messages": [], "data_sources": SOURCES, "model": "gpt-4o-prod"}
+
+
+@pytest.mark.parametrize("version", ["2024-02-01", "2024-02-15-preview", "2024-10-21", "2025-04-01-preview"])
+def test_allow_data_sources_takes_api_versions_that_accept_it(version: str) -> None:
+    assert config(allow_data_sources=True, api_version=version).allow_data_sources
+
+
+def test_allow_data_sources_on_an_older_api_version_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(
+            f"providers:\n  az: {{type: azure_openai, base_url: '{ENDPOINT}', api_key: k, "
+            "api_version: 2023-12-01-preview, allow_data_sources: true}\n",
+            {},
+        )
+    assert info.value.problems == [
+        "providers.az: allow_data_sources: On Your Data's data_sources needs api_version 2024-02-01 or later "
+        "(this entry has 2023-12-01-preview)"
+    ]
 
 
 def test_json_answers_are_relayed_untranslated() -> None:
@@ -212,6 +249,19 @@ def run(pieces: list[bytes]) -> bytes:
 
 def test_filter_drops_azures_events_and_relays_the_rest_byte_for_byte() -> None:
     assert run([STREAM + b"data: [DONE]\n\n"]) == EXPECTED
+
+
+def test_filter_keeps_on_your_data_chunks_and_their_context() -> None:
+    # On Your Data's chunks name another `object`; the first carries the citations beside the role.
+    context = {"citations": [{"content": "c", "title": "t", "url": None, "filepath": None, "chunk_id": "0"}]}
+    head = {"index": 0, "delta": {"role": "assistant", "context": {**context, "intent": '["q"]'}}}
+    event = {"id": "x", "model": "gpt-4o", "created": 1, "object": "extensions.chat.completion.chunk"}
+    first = b"data: " + orjson.dumps(
+        {**event, "choices": [{**head, "end_turn": False, "finish_reason": None}]}
+    )
+    stream = PROMPT_FILTER + first + b"\n\n" + chunk("Hi") + b"data: [DONE]\n\n"
+    assert run([stream]) == first + b"\n\n" + chunk("Hi") + b"data: [DONE]\n\n"
+    assert run([stream[i : i + 3] for i in range(0, len(stream), 3)]) == run([stream])
 
 
 def test_filter_is_used_for_streams() -> None:

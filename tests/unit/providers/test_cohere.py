@@ -211,6 +211,41 @@ def test_tools_get_a_schema_and_strictness_is_per_request() -> None:
     assert out["strict_tools"] is True
 
 
+def named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+def test_named_tool_choice_sends_that_tool_alone_as_required() -> None:
+    clock = {"type": "function", "function": {"name": "now", "strict": True}}
+    # tool_choice before tools in the body: the order of the client's fields does not matter.
+    out = chat(tool_choice=named("get_weather"), tools=[clock, WEATHER])
+    assert out["tools"] == [WEATHER]
+    assert out["tool_choice"] == "REQUIRED"
+    assert "strict_tools" not in out  # only the strict tool that was left out asked for it
+
+    out = chat(tools=[WEATHER, clock], tool_choice=named("now"))
+    assert out["tools"] == [
+        {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    assert (out["tool_choice"], out["strict_tools"]) == ("REQUIRED", True)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"tools": [WEATHER], "tool_choice": named("get_time")}, "names the function 'get_time'"),
+        ({"tool_choice": named("get_weather")}, "names the function 'get_weather'"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "use 'auto'"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {}}}, "use 'auto'"),
+        ({"tools": [WEATHER], "tool_choice": "any"}, "use 'auto'"),
+    ],
+)
+def test_bad_tool_choice_is_400(body: dict[str, Any], message: str) -> None:
+    exc = refused(**body)
+    assert (exc.status, exc.param) == (400, "tool_choice")
+    assert message in exc.message
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -223,10 +258,6 @@ def test_tools_get_a_schema_and_strictness_is_per_request() -> None:
         ({"function_call": "auto"}, "function_call"),
         ({"audio": {"voice": "alloy"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
-        (
-            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-            "tool_choice",
-        ),
         ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0]"),
         ({"tools": ["x"]}, "tools[0]"),
         ({"response_format": {"type": "xml"}}, "response_format"),
