@@ -122,7 +122,7 @@ class AnthropicAdapter(Adapter):
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
         return AnthropicStreamTranslator(self.name, client_asks_usage(body))
 
-    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
+    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes | None]:
         return translate_error(status, raw, self.name)
 
 
