@@ -33,7 +33,7 @@ _KEEP_ALIVE_MESSAGE = {"type": "http.response.body", "body": KEEP_ALIVE, "more_b
 class Beat:
     """One watched stream; once watched, the request writes through `send`."""
 
-    __slots__ = ("_send", "busy", "ctx", "overhead_ms", "pending", "quiet")
+    __slots__ = ("_send", "busy", "ctx", "line_end", "overhead_ms", "pending", "quiet")
 
     def __init__(self, ctx: RequestContext, send: Send, overhead_ms: float) -> None:
         self.ctx = ctx
@@ -41,6 +41,7 @@ class Beat:
         self.overhead_ms = overhead_ms  # the gateway's time before the upstream call, for the head
         self.quiet = False  # nothing was sent since the last tick
         self.busy = False  # the request is writing
+        self.line_end = True  # what went out so far ends a line: a comment line may follow
         self.pending: asyncio.Task[None] | None = None  # a heartbeat being written
 
     async def send(self, message: Message) -> None:
@@ -51,6 +52,10 @@ class Beat:
                 self.pending = None
                 await pending  # its failure (the client gone) is the request's too
             await self._send(message)
+            body = message.get("body")
+            if body:
+                # A relayed read may end inside an SSE line; a comment there would corrupt it.
+                self.line_end = body.endswith(b"\n")
         finally:
             self.busy = False
             self.quiet = False
@@ -102,7 +107,7 @@ class Pulse:
             return  # the next watch starts the clock again
         loop = asyncio.get_running_loop()
         for beat in self._beats:
-            if beat.quiet and not beat.busy and beat.idle():
+            if beat.quiet and beat.line_end and not beat.busy and beat.idle():
                 ctx = beat.ctx
                 head = not ctx.responded
                 if head:  # marked now, not when the task runs: the request must not send a head of its own

@@ -82,6 +82,16 @@ def test_slow_first_token_gets_heartbeats_then_the_stream(gateway: GatewayProces
     assert raw.rstrip().endswith(b"data: [DONE]")
 
 
+def test_long_gaps_mid_stream_get_heartbeats(gateway: GatewayProcess, mock_upstream: MockOpenAI) -> None:
+    mock_upstream.behave(model="mock-gpt-upstream", chunks=3, chunk_delay=SLOW)
+    status, _, raw = raw_stream(gateway, body())
+    assert status == 200 and contents(raw) == ["chunk0 ", "chunk1 ", "chunk2 "]
+    first_content = raw.index(b'"content"')
+    assert KEEP_ALIVE in raw[first_content:]  # between content events
+    for event in raw.split(b"\n\n")[:-1]:  # every heartbeat is an event of its own, never inside one
+        assert event.startswith((b"data: ", b": keep-alive")), event
+
+
 def test_the_sdk_ignores_heartbeats(gateway: GatewayProcess, mock_upstream: MockOpenAI) -> None:
     mock_upstream.behave(model="mock-gpt-upstream", delay_head=SLOW, chunks=3)
     with gateway.client() as client:

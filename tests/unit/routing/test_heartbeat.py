@@ -66,6 +66,19 @@ async def test_a_stream_that_writes_gets_no_heartbeat() -> None:
     assert KEEP_ALIVE not in client.bodies() and not ctx.responded
 
 
+async def test_no_heartbeat_inside_a_line() -> None:
+    pulse, client, ctx = Pulse(INTERVAL), Client(), RequestContext(b"req_7", 0.0)
+    beat = pulse.watch(ctx, client.send, 0)
+    await beat.send({"type": "http.response.start", "status": 200, "headers": []})
+    await beat.send({"type": "http.response.body", "body": b'data: {"cho', "more_body": True})
+    await asyncio.sleep(INTERVAL * 5)
+    assert KEEP_ALIVE not in client.bodies()  # the upstream's read ended mid-line: no comment may follow
+    await beat.send({"type": "http.response.body", "body": b'ices": []}\n\n', "more_body": True})
+    await until(lambda: KEEP_ALIVE in client.bodies())
+    assert client.bodies()[-1] == KEEP_ALIVE  # a gap after a whole event gets heartbeats
+    pulse.drop(beat)
+
+
 async def test_the_clock_stops_with_the_last_stream_and_restarts() -> None:
     pulse, client = Pulse(INTERVAL), Client()
     beat = pulse.watch(RequestContext(b"req_3", 0.0), client.send, 0)
