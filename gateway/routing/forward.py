@@ -126,17 +126,18 @@ class Forward:
             return
 
         plan, counted = await self.router.acquire(ctx.model, plan)
+        pulse = self.pulse if ctx.body.get("stream") is True else None
         beat: Beat | None = None
-        if self.pulse is not None and ctx.body.get("stream") is True:
-            beat = self.pulse.watch(ctx, send, (time.perf_counter() - ctx.started) * 1000)
+        if pulse is not None:
+            beat = pulse.watch(ctx, send, (time.perf_counter() - ctx.started) * 1000)
             send = beat.send
         try:
             # A client going away while we wait on the upstream or stream to it ends the exchange.
             with Disconnect(receive):
                 await self.exchange(ctx, plan, send)
         finally:
-            if beat is not None:
-                self.pulse.drop(beat)  # type: ignore[union-attr]
+            if pulse is not None and beat is not None:
+                pulse.drop(beat)
             if counted is not None:
                 await self.router.release(counted)
 
