@@ -100,7 +100,10 @@ def test_the_sdk_ignores_heartbeats(gateway: GatewayProcess, mock_upstream: Mock
     assert pieces == ["chunk0 ", "chunk1 ", "chunk2 "]
 
 
-def test_fast_upstream_gets_no_heartbeat(gateway: GatewayProcess) -> None:
+def test_fast_upstream_gets_no_heartbeat(gateway_factory: GatewayFactory, mock_upstream: MockOpenAI) -> None:
+    config = default_config(mock_upstream)
+    config["router"]["heartbeat_s"] = 2  # none before 2 s, however loaded the machine
+    gateway = gateway_factory(config)
     status, headers, raw = raw_stream(gateway, body())
     assert status == 200 and b": keep-alive" not in raw
     assert headers["x-gateway-deployment"] == "mock/mock-gpt-upstream"  # the relay's own head

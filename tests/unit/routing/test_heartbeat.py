@@ -57,11 +57,11 @@ async def test_a_silent_stream_gets_the_head_then_heartbeats() -> None:
 
 
 async def test_a_stream_that_writes_gets_no_heartbeat() -> None:
-    pulse, client, ctx = Pulse(INTERVAL), Client(), RequestContext(b"req_2", 0.0)
+    pulse, client, ctx = Pulse(0.2), Client(), RequestContext(b"req_2", 0.0)
     beat = pulse.watch(ctx, client.send, 0)
-    for i in range(20):  # writes more often than the interval
+    for i in range(50):  # writes far more often than the interval
         await beat.send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
-        await asyncio.sleep(INTERVAL / 4)
+        await asyncio.sleep(0.01)
     pulse.drop(beat)
     assert KEEP_ALIVE not in client.bodies() and not ctx.responded
 
