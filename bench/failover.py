@@ -2,7 +2,7 @@
 
 Two mock upstreams (bench/mock_upstream.py --record) and one alias with a deployment on each,
 strategy `priority` (the first takes all the traffic while it is healthy), breaker {failures: 5,
-window_s: 10, cooldown_s: 2}, router.retries 2, active probes every 0.5 s (the cooldown doubles
+window_s: 10, cooldown_s: 2}, router.retries 0 (failover on), active probes every 0.5 s (the cooldown doubles
 after each failed probe, so the probes are what bring traffic back soon after recovery). A closed
 loop of non-stream chats at 8 connections runs 25 s against a fresh gateway per mode; 5 s in, the
 first mock fails for 10 s:
@@ -49,7 +49,8 @@ from bench.loadgen import TraceEntry, build_request, chat_validator, fetch, run_
 MODES = ("503", "refuse")
 BEFORE_S, OUTAGE_S, AFTER_S = 5.0, 10.0, 10.0
 CONCURRENCY = 8
-FAILURES, WINDOW_S, COOLDOWN_S, RETRIES, PROBE_S = 5, 10, 2, 2, 0.5
+# retries 0: a failed attempt on `primary` fails over to `secondary` at once (router.failover).
+FAILURES, WINDOW_S, COOLDOWN_S, RETRIES, PROBE_S = 5, 10, 2, 0, 0.5
 TARGET_FAILED_PCT = 1.0  # during the outage, less than this
 TARGET_BACK_S = COOLDOWN_S + 1.0
 DEPLOYMENTS = ("primary", "secondary")  # provider names; the ids are "<provider>/<model>"

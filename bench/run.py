@@ -98,9 +98,10 @@ async def sanity(target: Target, chat: dict[str, Any], events: int) -> dict[str,
     return out
 
 
-def gateway_config(port: int, mock_port: int, key: str, store: str) -> str:
+def gateway_config(port: int, mock_port: int, key: str, store: str, heartbeat: bool = True) -> str:
     return f"""\
 server: {{host: {HOST}, port: {port}}}
+router: {{heartbeat_s: {5 if heartbeat else 0}}}
 store: {{url: "{store}"}}
 auth:
   keys: [{{name: bench, key: {key}, models: [mock-gpt]}}]
@@ -131,7 +132,7 @@ async def bench(args: argparse.Namespace, logs: Path, record: dict[str, Any], pr
             logs,
             procs,
             port,
-            gateway_config(port, mock_port, key, args.store),
+            gateway_config(port, mock_port, key, args.store, not args.no_heartbeat),
             f"gateway-r{r + 1}",
             [(gateway.post("/v1/chat/completions", chat), chat_validator)],
         )
@@ -338,6 +339,7 @@ def parse_args() -> argparse.Namespace:
     flag("redis", "instead of the suite: the full stack (limits, quota, cache) on a real redis-server")
     flag("hold", "instead of the suite: 1,000 streams held open 30 s at once (RSS per stream, CPU per chunk)")
     ap.add_argument("--hold-clients", type=int, default=int(env("BENCH_HOLD_CLIENTS", str(hold.CLIENTS))))
+    flag("no_heartbeat", "router.heartbeat_s: 0 (streams watched by no heartbeat clock), to measure its cost")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 2.0

@@ -139,7 +139,14 @@ class Snapshot:
                 if d.provider in adapters
             ]
             if routes:
-                aliases[model.name] = Alias(model.name, routes, model.strategy, model.fallbacks)
+                aliases[model.name] = Alias(
+                    model.name,
+                    routes,
+                    model.strategy,
+                    model.fallbacks,
+                    retries=config.router.retries if model.retries is None else model.retries,
+                    failover=config.router.failover if model.failover is None else model.failover,
+                )
             else:
                 log.warning("model %s has no deployment on an enabled provider: not served", model.name)
         self.routes = aliases
@@ -202,11 +209,11 @@ class Snapshot:
             self.breakers,
             self.usage,
             limiter,
-            retries=r.retries,
             total_s=r.timeouts.total_s,
             backoff_s=r.backoff_s,
             backoff_max_s=r.backoff_max_s,
             route_headers=r.headers,
+            heartbeat_s=r.heartbeat_s,
         )
         app: ASGIApp = HotRoutes({path: forward for path in HOT_ROUTES}, starlette)
         if self.cache is not None:

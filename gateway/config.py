@@ -108,6 +108,8 @@ class ModelConfig(Struct):
     strategy: Literal["priority", "weighted", "least_inflight", "lowest_latency"] = "priority"
     fallbacks: list[str] = []  # aliases tried, in order, after this one's deployments
     completion_estimate: PositiveInt = 256  # tokens reserved on admission when a request sets no max_tokens
+    retries: Annotated[int, msgspec.Meta(ge=0)] | None = None  # router.retries for this alias
+    failover: bool | None = None  # router.failover for this alias
 
 
 class CacheConfig(Struct):
@@ -130,10 +132,14 @@ class Timeouts(Struct):
 
 
 class RouterConfig(Struct):
-    retries: Annotated[int, msgspec.Meta(ge=0)] = 2
+    retries: Annotated[int, msgspec.Meta(ge=0)] = 1  # extra attempts on the *same* deployment
+    failover: bool = True  # a failed deployment passes the request to the plan's next one
     backoff_s: PositiveFloat = 0.1  # first retry of the same deployment waits up to this (full jitter)...
     backoff_max_s: PositiveFloat = 2.0  # ...doubling per attempt, capped here
     headers: bool = True  # x-gateway-deployment and x-gateway-attempts on answers
+    # A stream silent this long (waiting for its first token, or in a gap) gets a `: keep-alive`
+    # comment, so proxies with read timeouts keep it; 0: never.
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     probe_interval_s: PositiveFloat | None = None  # active probes of open breakers (off when unset)
     timeouts: Timeouts = Timeouts()
 

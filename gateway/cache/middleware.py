@@ -46,6 +46,7 @@ from gateway.cache.coalesce import CHUNK, CLAIM, HEAD, RELEASE, Flight, FlightLo
 from gateway.cache.replay import fit, is_sse, wants_usage
 from gateway.context import Lookup, RequestContext
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
+from gateway.routing.heartbeat import KEEP_ALIVE
 from gateway.store import Store, StoreError, Subscription
 from gateway.tasks import Background, Disconnect
 from gateway.types import ASGIApp, Message, Receive, Scope, Send
@@ -365,10 +366,10 @@ class CacheMiddleware:
                 shared = message["status"] == 200  # an error answer is never passed on
                 if flight is not None and shared:
                     flight.put(HEAD, content_type)
-            else:
-                body = message.get("body", b"")
+            elif (body := message.get("body", b"")) != KEEP_ALIVE:  # a heartbeat is no part of the answer
                 captured.append(body)
-                if flight is not None and shared and body:
+                # ctx.status: a failure after heartbeats (head 200 already out) ends the flight unshared.
+                if flight is not None and shared and body and ctx.status == 200:
                     flight.put(CHUNK, body)
             await send(message)
 

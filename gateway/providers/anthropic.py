@@ -128,7 +128,7 @@ class AnthropicAdapter(Adapter):
         answer_tool = anthropic_json.answer_tool_name(body)
         return AnthropicStreamTranslator(self.name, client_asks_usage(body), answer_tool)
 
-    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
+    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes | None]:
         return translate_error(status, raw, self.name)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import UpstreamError
-from gateway.providers.base import StreamTranslator, openai_error
+from gateway.providers.base import StreamTranslator
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -118,7 +118,7 @@ def error_body(message: str, kind: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
 
 
-def translate_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
+def translate_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes | None]:
     """Anthropic's `{"type": "error", "error": {type, message}}` -> OpenAI's shape, type and message kept."""
     if status == OVERLOADED:
         status = 503
@@ -128,7 +128,7 @@ def translate_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]
         parsed = None
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if not isinstance(error, dict):
-        return openai_error(status, raw, provider)  # not Anthropic's shape (a proxy's page, say): wrapped
+        return status, None  # not Anthropic's shape (a proxy's page, say)
     message = error.get("message")
     if not isinstance(message, str) or not message:
         message = f"Upstream provider '{provider}' answered {status}."

@@ -48,7 +48,6 @@ from gateway.providers.base import (
     StreamTranslator,
     Target,
     UsageFilter,
-    openai_error,
 )
 from gateway.providers.openai import OpenAIAdapter
 
@@ -138,7 +137,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator | None:
         return AzureStreamFilter(strip_usage=self.adds_usage(op, body))
 
-    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
+    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes | None]:
         return translate_error(self.name, status, raw)
 
 
@@ -183,23 +182,21 @@ _CONFIG_FAULTS = frozenset({401, 403, 404})
 _TYPES = {429: "rate_limit_exceeded"}  # as the gateway's own 429s; Azure sends no type
 
 
-def translate_error(provider: str, status: int, raw: bytes) -> tuple[int, bytes]:
+def translate_error(provider: str, status: int, raw: bytes) -> tuple[int, bytes | None]:
     """Azure's error answers as OpenAI's `{"error": {message, type, param, code}}`, status kept.
 
     Shapes seen: OpenAI's own (from the model backend; `type` may be null), Azure's
     `{"error": {"code", "message", "innererror"?}}` (429s, content filter, DeploymentNotFound),
-    and the API-management layer's `{"statusCode", "message"}`.
+    and the API-management layer's `{"statusCode", "message"}`; None for any other body.
     """
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return openai_error(status, raw, provider)
+        return status, None
     error = parsed.get("error") if isinstance(parsed, dict) else None
     named = status in _CONFIG_FAULTS
-    if isinstance(error, dict):
-        message = error.get("message")
-        if not isinstance(message, str):
-            message, named = raw[:500].decode("utf-8", "replace"), True
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
         code = error.get("code")
         param = error.get("param")
         kind = error.get("type")
@@ -207,7 +204,7 @@ def translate_error(provider: str, status: int, raw: bytes) -> tuple[int, bytes]
     elif isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
         message, code, param, kind, inner = parsed["message"], None, None, None, None
     else:
-        return openai_error(status, raw, provider)
+        return status, None
 
     if isinstance(code, int) or (isinstance(code, str) and code.isdigit()):
         code = _CODES.get(str(code))

@@ -6,7 +6,7 @@ OpenAI-compatible family needs no response translation: bytes are relayed as
 they come. Translating providers (Anthropic, Cohere) override the response
 hooks: `translate_response` for a whole JSON answer, `stream_translator` for a
 stream (fed upstream bytes as they arrive, it returns OpenAI SSE bytes), and
-`translate_error` for error answers.
+`translate_error` for error answers (None for a body not in the provider's error shape).
 """
 
 from __future__ import annotations
@@ -212,28 +212,30 @@ def client_asks_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def openai_error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
-    """An upstream error answer in OpenAI's shape: kept when it already is, wrapped when not."""
+def openai_error(status: int, raw: bytes) -> tuple[int, bytes | None]:
+    """An upstream error answer in OpenAI's shape: kept when it already is, completed when nearly.
+
+    None for any other body (a proxy's HTML page, plain text, JSON of another shape): the
+    gateway answers with a message of its own and logs the body (`gateway.routing.failures`).
+    """
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        parsed = None
+        return status, None
     error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        if isinstance(error.get("type"), str) and {"param", "code"} <= error.keys():
-            return status, raw
-        # Nearly OpenAI's shape (some compatible servers omit fields): complete it.
-        kind = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
-        fields = {
-            "message": error["message"],
-            "type": kind,
-            "param": error.get("param"),
-            "code": error.get("code"),
-        }
-        return status, orjson.dumps({"error": fields})
-    text = raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
-    error = {"message": f"Upstream provider '{provider}' answered {status}: {text}", "type": "upstream_error"}
-    return status, orjson.dumps({"error": {**error, "param": None, "code": None}})
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return status, None
+    if isinstance(error.get("type"), str) and {"param", "code"} <= error.keys():
+        return status, raw
+    # Nearly OpenAI's shape (some compatible servers omit fields): complete it.
+    kind = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
+    fields = {
+        "message": error["message"],
+        "type": kind,
+        "param": error.get("param"),
+        "code": error.get("code"),
+    }
+    return status, orjson.dumps({"error": fields})
 
 
 class Adapter(abc.ABC):
@@ -287,6 +289,7 @@ class Adapter(abc.ABC):
         """A translator for this request's stream, or None to relay the upstream bytes as they are."""
         return None
 
-    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
-        """An upstream error answer (provider key already masked) as (status, OpenAI error JSON)."""
-        return openai_error(status, raw, self.name)
+    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes | None]:
+        """An upstream error answer (provider key already masked) as (status, OpenAI error JSON);
+        the JSON is None when the body is not an error in this provider's shape."""
+        return openai_error(status, raw)

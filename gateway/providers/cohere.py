@@ -84,7 +84,7 @@ class CohereAdapter(Adapter):
     def stream_translator(self, op: Operation, body: dict[str, Any]) -> StreamTranslator:
         return cohere_response.ChatStream(self.name, str(body.get("model")), client_asks_usage(body))
 
-    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes]:
+    def translate_error(self, status: int, raw: bytes) -> tuple[int, bytes | None]:
         return cohere_response.error(status, raw, self.name)
 
     # -- requests ---------------------------------------------------------------

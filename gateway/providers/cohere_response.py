@@ -156,8 +156,9 @@ def embeddings(raw: bytes, answer: Answer, provider: str) -> bytes:
     )
 
 
-def error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
-    """Cohere's `{"message": ...}` (v2 adds an `id`) as OpenAI's error, with a matching status."""
+def error(status: int, raw: bytes, provider: str) -> tuple[int, bytes | None]:
+    """Cohere's `{"message": ...}` (v2 adds an `id`) as OpenAI's error, with a matching status;
+    None for a body of another shape."""
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -165,9 +166,9 @@ def error(status: int, raw: bytes, provider: str) -> tuple[int, bytes]:
     message = parsed.get("message") if isinstance(parsed, dict) else None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         message = parsed["error"].get("message")
-    if not isinstance(message, str) or not message:
-        message = raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
     mapped, kind, code = ERRORS.get(status, _OTHER_5XX if status >= 500 else _OTHER_4XX)
+    if not isinstance(message, str) or not message:
+        return mapped, None
     text = f"Upstream provider '{provider}' (cohere) answered {status}: {message}"
     return mapped, dumps({"error": {"message": text, "type": kind, "param": None, "code": code}})
 

@@ -6,18 +6,20 @@ so client credentials and hop-by-hop headers cannot leak; the upstream URL comes
 from config alone. Response bytes are relayed untouched (or translated by the
 adapter): a JSON answer in one piece, a stream chunk by chunk as read.
 
-Until the first byte goes to the client, a failed attempt (connect error,
-timeout, 429, 5xx) moves to the next deployment of the plan, or tries the same
-one again after a jittered backoff, within `router.retries` and the request's
-total deadline; a timed-out deployment is never tried twice. Deployments whose
-breaker is open are skipped. A client that disconnects cancels the upstream
-call at once.
+Until upstream content goes to the client, a failed attempt (connect error,
+timeout, 429, 5xx) tries the same deployment again after a jittered backoff, up
+to the alias's `retries`, then (with `failover`) moves on to the plan's next
+deployment, fallbacks included, all within the request's total deadline; a
+timed-out deployment is never tried twice, and a 4xx ends the request.
+Deployments whose breaker is open are skipped. A streaming request waiting on
+its upstream gets heartbeats (`heartbeat.py`); errors after them end the stream
+with an error event (`failures.py`). A client that disconnects cancels the
+upstream call at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -34,9 +36,11 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.providers import OPERATION_CAPABILITY, Adapter, Capability
+from gateway.providers import OPERATION_CAPABILITY, Capability
 from gateway.providers.base import find_usage
 from gateway.routing.breaker import Admission, Breakers, Outcome
+from gateway.routing.failures import Failed, error_event, read_error, send_error, send_failure
+from gateway.routing.heartbeat import SSE_HEADERS, Beat, Pulse
 from gateway.routing.router import Route, Router
 from gateway.tasks import Disconnect
 from gateway.types import Receive, Scope, Send
@@ -47,9 +51,6 @@ log = logging.getLogger("gateway.forward")
 # Upstream response headers worth relaying; the rest (hop-by-hop, cookies, the
 # provider account's own rate limits and organisation) stay behind.
 _RELAYED = frozenset({b"content-type", b"content-length", b"openai-processing-ms", b"openai-version"})
-_SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
-_ERROR_BODY_LIMIT = 65536
-_RETRY_HEADERS = frozenset({b"retry-after", b"retry-after-ms"})  # the SDKs honour both
 
 
 class Quotas(Protocol):
@@ -64,18 +65,6 @@ class Accounting(Protocol):
     def add(self, key_id: str, alias: str, usage: tuple[int, int] | None) -> None: ...
 
 
-class Failed:
-    """An attempt's upstream error answer, kept in case it is the last one."""
-
-    __slots__ = ("body", "headers", "route", "status")
-
-    def __init__(self, route: Route, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self.route = route
-        self.status = status
-        self.body = body
-        self.headers = headers
-
-
 class Forward:
     def __init__(
         self,
@@ -84,17 +73,17 @@ class Forward:
         usage: Accounting,
         limiter: Quotas,
         *,
-        retries: int,
         total_s: float,
         backoff_s: float,
         backoff_max_s: float,
         route_headers: bool = True,
+        heartbeat_s: float = 0,
     ) -> None:
         self.router = router
         self.breakers = breakers
         self.usage = usage
         self.limiter = limiter
-        self.retries = retries
+        self.pulse = Pulse(heartbeat_s) if heartbeat_s else None
         self.total_s = total_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -133,33 +122,59 @@ class Forward:
         try:
             plan = ctx.plan or self.resolve(ctx)
         except GatewayError as exc:
-            await ctx.send_error(send, exc)
+            await send_error(ctx, send, exc)
             return
 
         plan, counted = await self.router.acquire(ctx.model, plan)
+        pulse = self.pulse if ctx.body.get("stream") is True else None
+        beat: Beat | None = None
+        if pulse is not None:
+            beat = pulse.watch(ctx, send, (time.perf_counter() - ctx.started) * 1000)
+            send = beat.send
         try:
             # A client going away while we wait on the upstream or stream to it ends the exchange.
             with Disconnect(receive):
                 await self.exchange(ctx, plan, send)
         finally:
+            if pulse is not None and beat is not None:
+                pulse.drop(beat)
             if counted is not None:
                 await self.router.release(counted)
 
     async def exchange(self, ctx: RequestContext, plan: list[Route], send: Send) -> None:
         op = ctx.operation
         assert op is not None
+        alias = self.router.aliases[ctx.model]
         deadline = ctx.started + self.total_s
         attempts = 0
-        tried: set[Route] = set()
         admission = ctx.admission
         skip: set[Route] = set(admission.skipped) if admission is not None else set()  # timed out, no quota
         last: GatewayError | Failed | None = None  # None: no deployment was even tried
-        index = 0
-        while attempts <= self.retries and time.perf_counter() < deadline:
-            route, probe = await self.next_route(plan, index, skip)
-            if route is None:
-                break
-            index = plan.index(route) + 1
+        index = 0  # where the plan's walk goes on
+        route: Route | None = None
+        retried = 0  # retries of `route` so far
+        while time.perf_counter() < deadline:
+            probe = False
+            if route is not None and route not in skip and retried < alias.retries:
+                admitted = await self.breakers.admit(route.id)  # the breaker may have opened meanwhile
+                if admitted is Admission.REJECT:
+                    skip.add(route)
+                    continue
+                probe = admitted is Admission.PROBE
+                retried += 1
+                # The same deployment again: back off (full jitter), within the deadline.
+                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (retried - 1)))
+                if time.perf_counter() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+            else:
+                if attempts and not alias.failover:
+                    break
+                route, probe = await self.next_route(plan, index, skip)
+                if route is None:
+                    break
+                index = plan.index(route) + 1
+                retried = 0
             if route.quota:
                 if admission is not None and admission.prepaid is route:
                     admission.prepaid = None  # paid by the admission, for this first attempt
@@ -174,13 +189,6 @@ class Forward:
                     )
                     continue
                 admission = ctx.admission
-            if route in tried:
-                # The same deployment again: back off (full jitter), within the deadline.
-                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (attempts - 1)))
-                if time.perf_counter() + delay >= deadline:
-                    break
-                await asyncio.sleep(delay)
-            tried.add(route)
             attempts += 1
             ctx.deployment = route.id
             adapter = route.adapter
@@ -188,8 +196,9 @@ class Forward:
                 payload = adapter.encode_body(op, ctx.body, route.target)
             except GatewayError as exc:
                 if attempts == 1:
-                    await ctx.send_error(send, exc)  # the client's request: no other deployment changes that
+                    await send_error(ctx, send, exc)  # the client's request: no other deployment changes that
                     return
+                skip.add(route)
                 last = exc
                 continue
             sent = time.perf_counter()
@@ -198,7 +207,8 @@ class Forward:
                     b"POST", adapter.target(op, route.target), adapter.request_headers, payload
                 )
             except UpstreamError as exc:
-                log.warning("upstream %s failed: %s", route.id, exc.message)
+                rid = ctx.request_id.decode()
+                log.warning("upstream %s failed (request %s): %s", route.id, rid, exc.message)
                 self.breakers.note_error(route.id, exc.message)
                 self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
                 if isinstance(exc, UpstreamTimeout):
@@ -212,7 +222,7 @@ class Forward:
                     self.breakers.record(route.id, Outcome.SUCCESS, probe=probe)
                     await self.relay(ctx, route, response, send, waited, attempts)
                     return
-                failed = await self.read_error(route, response)
+                failed = await read_error(ctx, route, response)
             finally:
                 await response.aclose()
             outcome = Outcome.of_status(failed.status)
@@ -222,19 +232,19 @@ class Forward:
                 break  # the request itself is wrong: another deployment would say the same
             self.breakers.note_error(route.id, f"HTTP {failed.status}")
         if isinstance(last, Failed):
-            await self.send_failed(ctx, last, send, attempts)
+            headers = [*last.headers, *ctx.headers(), *self.route_info(last.route, attempts)]
+            await send_failure(ctx, send, last.status, last.body, headers)
             return
         if last is None:
             last = ServiceUnavailable(
                 f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
                 code="deployments_unavailable",
             )
-        await ctx.send_error(send, last)
+        await send_error(ctx, send, last)
 
     async def next_route(self, plan: list[Route], start: int, skip: set[Route]) -> tuple[Route | None, bool]:
-        """The next deployment from `start` (wrapping) that the breaker admits, and whether it is a probe."""
-        for offset in range(len(plan)):
-            route = plan[(start + offset) % len(plan)]
+        """The first deployment from `start` on that the breaker admits, and whether it is a probe."""
+        for route in plan[start:]:
             if route in skip:
                 continue
             admission = await self.breakers.admit(route.id)
@@ -263,7 +273,7 @@ class Forward:
         translator = adapter.stream_translator(op, ctx.body) if ctx.body.get("stream") is True else None
         body = None
         if translator is not None:
-            headers = list(_SSE_HEADERS)
+            headers = list(SSE_HEADERS)
         elif adapter.translates or any(k == b"content-length" for k, _ in headers):
             try:
                 body = await response.read()
@@ -271,15 +281,16 @@ class Forward:
                     body = adapter.translate_response(op, ctx.body, body)
                     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
             except GatewayError as exc:
-                await ctx.send_error(send, exc)
+                await send_error(ctx, send, exc)
                 return
-        overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
-        headers += ctx.headers()
-        headers += self.route_info(route, attempts)
-        headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
-        ctx.responded = True
-        ctx.status = response.status
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if not ctx.responded:  # else heartbeats sent the head (and nothing awaits between check and send)
+            overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
+            headers += ctx.headers()
+            headers += self.route_info(route, attempts)
+            headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
+            ctx.responded = True
+            ctx.status = response.status
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body is not None:
             await send({"type": "http.response.body", "body": body})
             ctx.complete = True
@@ -298,10 +309,11 @@ class Forward:
                 previous, last = last, chunk
         except UpstreamError as exc:
             # Too late for a status code or another deployment: end the stream with an error event.
-            log.warning("upstream %s stream broke: %s", route.id, exc.message)
+            rid = ctx.request_id.decode()
+            log.warning("upstream %s stream broke (request %s): %s", route.id, rid, exc.message)
             self.breakers.record(route.id, Outcome.FAILURE)
             self.count(ctx, None)  # a request all the same; its tokens are unknown
-            await send({"type": "http.response.body", "body": b"event: error\ndata: " + exc.body() + b"\n\n"})
+            await send({"type": "http.response.body", "body": error_event(exc.body())})
             return
         except asyncio.CancelledError:
             self.count(ctx, None)  # the client went away mid-stream
@@ -322,29 +334,3 @@ class Forward:
             ctx.tokens = usage[0] + usage[1]
         if ctx.policy is not None:
             self.usage.add(ctx.policy.key_id, ctx.model, usage)
-
-    async def read_error(self, route: Route, response: UpstreamResponse) -> Failed:
-        """An upstream error answer in OpenAI's shape, with the provider key masked."""
-        raw = b""
-        with contextlib.suppress(UpstreamError):  # a body cut short: what arrived is all there is to show
-            async for chunk in response:
-                raw += chunk
-                if len(raw) > _ERROR_BODY_LIMIT:
-                    break
-        adapter: Adapter = route.adapter
-        key = adapter.config.api_key.encode()
-        if key:
-            raw = raw.replace(key, b"***")
-        status, body = adapter.translate_error(response.status, raw)
-        headers = [(k, v) for k, v in response.headers if k in _RETRY_HEADERS]
-        return Failed(route, status, body, headers)
-
-    async def send_failed(self, ctx: RequestContext, failed: Failed, send: Send, attempts: int) -> None:
-        ctx.responded = True
-        ctx.status = failed.status
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(failed.body))]
-        headers += failed.headers
-        headers += ctx.headers()
-        headers += self.route_info(failed.route, attempts)
-        await send({"type": "http.response.start", "status": failed.status, "headers": headers})
-        await send({"type": "http.response.body", "body": failed.body})

@@ -57,15 +57,26 @@ class Route:
 
 
 class Alias:
-    __slots__ = ("fallbacks", "name", "routes", "strategy")
+    """A model alias: its deployments, how to order them, and what a failed attempt may do next."""
+
+    __slots__ = ("failover", "fallbacks", "name", "retries", "routes", "strategy")
 
     def __init__(
-        self, name: str, routes: list[Route], strategy: str = "priority", fallbacks: Sequence[str] = ()
+        self,
+        name: str,
+        routes: list[Route],
+        strategy: str = "priority",
+        fallbacks: Sequence[str] = (),
+        *,
+        retries: int = 1,
+        failover: bool = True,
     ) -> None:
         self.name = name
         self.routes = routes
         self.strategy = strategy
         self.fallbacks = tuple(fallbacks)
+        self.retries = retries  # extra attempts on the same deployment
+        self.failover = failover  # whether a failed deployment passes the request on down the plan
 
 
 def _pick_least_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:

@@ -127,10 +127,40 @@ async def test_upstream_errors_keep_status_and_message(client: Client, mock: Moc
     assert "(mock)" in err["message"] or err["message"]
 
 
-async def test_upstream_non_json_error_is_wrapped(client: Client, mock: MockOpenAI) -> None:
-    mock.behave(model="mock-gpt-upstream", status=502, body=b"<html>bad gateway sk-upstream-secret</html>")
-    err = error_of(await client.chat(), 502)
-    assert err["type"] == "upstream_error" and "bad gateway" in err["message"] and "***" in err["message"]
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (502, b"<html>\n<h1>502 Bad Gateway</h1> sk-upstream-secret\n" + b"x" * 2000 + b"</html>"),
+        (503, b"Service Unavailable sk-upstream-secret"),
+        (500, b'{"detail": "not an error in OpenAI\'s shape sk-upstream-secret"}'),
+    ],
+)
+async def test_upstream_error_body_of_another_shape_is_logged_not_shown(
+    client: Client, mock: MockOpenAI, caplog: pytest.LogCaptureFixture, status: int, body: bytes
+) -> None:
+    mock.behave(model="mock-gpt-upstream", status=status, body=body)
+    response = await client.chat()
+    err = error_of(response, status)
+    rid = response.headers["x-request-id"]
+    assert err == {
+        "message": f"Upstream provider 'mock' (deployment mock/mock-gpt-upstream) answered HTTP {status}; "
+        f"request id {rid}.",
+        "type": "upstream_error",
+        "param": None,
+        "code": None,
+    }
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.forward" and rid in r.getMessage()]
+    assert len(logged) == 2  # one line per failed attempt: the first and its one retry
+    assert all("***" in line and "sk-upstream-secret" not in line for line in logged)
+    assert all(f"answered {status}" in line and "\n" not in line for line in logged)
+    assert len(logged[0]) < 750  # the body truncated to 500 bytes
+    assert ("Bad Gateway" if status == 502 else "Unavailable" if status == 503 else "detail") in logged[0]
+
+
+async def test_upstream_error_in_openai_shape_keeps_its_message_masked(client: Client, mock: MockOpenAI) -> None:
+    mock.behave(model="mock-gpt-upstream", status=400, error={"message": "bad thing near sk-upstream-secret"})
+    err = error_of(await client.chat(), 400)
+    assert err["message"] == "bad thing near ***"
 
 
 async def test_unreachable_upstream_is_502(client: Client) -> None:

@@ -111,12 +111,23 @@ async def test_a_deployment_over_its_quota_is_skipped_then_every_one_full_is_429
 
 async def test_failover_pays_the_next_deployments_quota(config_text: str, mock: MockOpenAI) -> None:
     mock.behave(model="mock-east", status=500)
-    app = limited(config_text, QUOTA_MODEL)
+    app = limited(config_text.replace("router: {", "router: {retries: 0, "), QUOTA_MODEL)  # failover only
     async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
         first = await c.chat(model="quota")
         second = await c.chat(model="quota")  # east failed, west's single request is spent
     assert first.status_code == 200 and first.headers["x-gateway-deployment"] == "mock/mock-west"
     assert second.status_code == 500 and second.headers["x-gateway-deployment"] == "mock/mock-east"
+
+
+async def test_a_retry_of_the_same_deployment_pays_its_quota_again(config_text: str, mock: MockOpenAI) -> None:
+    east = mock.behave(model="mock-east", status=500)
+    app = limited(config_text, QUOTA_MODEL)  # router.retries: 1 by default
+    async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
+        first = await c.chat(model="quota")
+        second = await c.chat(model="quota")
+    assert first.status_code == 200 and first.headers["x-gateway-attempts"] == "3"  # east, east again, west
+    assert len(east.requests) == 2  # east's rpm 2 went to the attempt and its retry
+    assert second.status_code == 429 and second.json()["error"]["code"] == "deployment_quota_exceeded"
 
 
 async def test_model_limits_of_a_key_beside_its_own(config_text: str, mock: MockOpenAI) -> None:

@@ -54,6 +54,14 @@ def test_defaults_when_sections_absent() -> None:
     config = parse("{}", {})
     assert config == Config()
     assert config.server.port == 8080 and config.store.url == "memory://"
+    assert (config.router.retries, config.router.failover, config.router.heartbeat_s) == (1, True, 5.0)
+
+
+def test_retries_and_failover_per_model_override_the_router() -> None:
+    text = BASE.replace("  - name: gpt-mini\n", "  - name: gpt-mini\n    retries: 0\n    failover: false\n")
+    model = parse(text, ENV).models[0]
+    assert (model.retries, model.failover) == (0, False)
+    assert (parse(BASE, ENV).models[0].retries, parse(BASE, ENV).models[0].failover) == (None, None)
 
 
 def test_missing_variable_names_path_and_variable() -> None:
@@ -84,6 +92,11 @@ def test_unknown_field_names_path() -> None:
         ("rpm: 500", "rpm: 0", "models[0].deployments[0].limits.rpm"),
         ("port: 8080", "port: 70000", "server.port"),
         ("first_byte_s: 60", "first_byte_s: -1", "router.timeouts.first_byte_s"),
+        ("retries: 2", "retries: -1", "router.retries"),
+        ("retries: 2", "retries: 2, failover: maybe", "router.failover"),
+        ("retries: 2", "retries: 2, heartbeat_s: -1", "router.heartbeat_s"),
+        ("  - name: gpt-mini\n", "  - name: gpt-mini\n    retries: -1\n", "models[0].retries"),
+        ("  - name: gpt-mini\n", "  - name: gpt-mini\n    failover: maybe\n", "models[0].failover"),
     ],
 )
 def test_bad_values_name_the_path(old: str, new: str, path: str) -> None:
