@@ -201,20 +201,27 @@ class Forward:
                 skip.add(route)
                 last = exc
                 continue
+            headers, trace, span = adapter.request_headers, ctx.trace, None
+            if trace is not None:
+                kind = str(type(adapter.config).__struct_config__.tag)
+                span = trace.attempt(op.value, kind, route.id, route.target.model, attempts)
+                headers = [*headers, *trace.headers(span)]
             sent = time.perf_counter()
             try:
-                response = await route.pool.request(
-                    b"POST", adapter.target(op, route.target), adapter.request_headers, payload
-                )
+                path = adapter.target(op, route.target)
+                response = await route.pool.request(b"POST", path, headers, payload)
             except UpstreamError as exc:
                 rid = ctx.request_id.decode()
                 log.warning("upstream %s failed (request %s): %s", route.id, rid, exc.message)
                 self.breakers.note_error(route.id, exc.message)
                 self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
+                if trace is not None and span is not None:
+                    trace.end_attempt(span, None, type(exc).__name__)
                 if isinstance(exc, UpstreamTimeout):
                     skip.add(route)
                 last = exc
                 continue
+            del payload  # written: orjson's output holds a 4 KiB buffer, not to be kept for a whole stream
             waited = time.perf_counter() - sent
             route.observe(waited)
             try:
@@ -225,6 +232,8 @@ class Forward:
                 failed = await read_error(ctx, route, response)
             finally:
                 await response.aclose()
+                if trace is not None and span is not None:
+                    trace.end_attempt(span, response.status, usage=ctx.usage)
             outcome = Outcome.of_status(failed.status)
             self.breakers.record(route.id, outcome, probe=probe)
             last = failed
