@@ -301,9 +301,9 @@ class Forward:
             ctx.status = response.status
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body is not None:
+            self.count(ctx, find_usage(body))  # before the end goes out: a client that saw it sees it counted
             await send({"type": "http.response.body", "body": body})
             ctx.complete = True
-            self.count(ctx, find_usage(body))
             return
         previous = last = b""
         events = 0
@@ -330,12 +330,12 @@ class Forward:
         finally:
             ctx.streamed = events  # also when the client went away (cancelled) mid-stream
         end = translator.finish() if translator else b""
-        await send({"type": "http.response.body", "body": end})
-        # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
-        ctx.complete = b'"error"' not in last + end
         # A translator's count (it may have kept the usage event from the client), else the stream's own.
         usage = translator.usage if translator is not None else None
         self.count(ctx, usage or find_usage(previous + last + end))
+        await send({"type": "http.response.body", "body": end})
+        # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
+        ctx.complete = b'"error"' not in last + end
 
     def count(self, ctx: RequestContext, usage: tuple[int, int] | None) -> None:
         if usage is not None:
