@@ -1,7 +1,8 @@
 """build_app(config): the middleware stack folded around the forwarding app.
 
-    AccessLog -> RequestId -> HeadLimit -> [CORS] -> Auth -> Body -> HotRoutes -> Forward   (POST /v1/<operation>)
-                                                                           -> Starlette   (/v1/models, /admin, health)
+    AccessLog -> RequestId -> HeadLimit -> [CORS] -> Auth -> Body -> HotRoutes
+        HotRoutes -> Forward     (POST /v1/<operation>)
+                  -> Starlette   (/v1/models, /admin, health)
 
 The few hot routes are dispatched by one dict lookup before any general
 router; Starlette serves the rest and runs the lifespan (pools, store).
@@ -223,8 +224,10 @@ class Snapshot:
                 max_age=cors.max_age_s,
             )
         # Before auth and CORS: an oversized head is refused before anything reads it.
-        s = config.server
-        app = HeadLimitMiddleware(app, max_line_bytes=s.max_header_line_bytes, max_head_bytes=s.max_head_bytes)
+        server = config.server
+        app = HeadLimitMiddleware(
+            app, max_line_bytes=server.max_header_line_bytes, max_head_bytes=server.max_head_bytes
+        )
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
         self.app = AccessLogMiddleware(app) if config.server.access_log else app
 

@@ -224,7 +224,9 @@ def _substitute(node: Any, path: str, env: dict[str, str], problems: list[str]) 
 def _cross_check(config: Config) -> list[str]:
     problems = []
     if config.server.max_header_line_bytes > config.server.max_head_bytes:
-        problems.append("server.max_header_line_bytes: larger than server.max_head_bytes, which bounds every line too")
+        problems.append(
+            "server.max_header_line_bytes: larger than server.max_head_bytes, which bounds every line too"
+        )
     for name, provider in config.providers.items():
         if provider.url and not provider.url.startswith(("http://", "https://")):
             problems.append(f"providers.{name}.base_url: must start with http:// or https://")

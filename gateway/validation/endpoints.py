@@ -37,7 +37,9 @@ class EmbeddingRequest(Schema):
     # "cannot be an empty string, and any array must be 2048 dimensions or less"
     input: (
         Annotated[str, Meta(min_length=1)]
-        | Annotated[list[Annotated[str, Meta(min_length=1)] | int | TokenIds], Meta(min_length=1, max_length=2048)]
+        | Annotated[
+            list[Annotated[str, Meta(min_length=1)] | int | TokenIds], Meta(min_length=1, max_length=2048)
+        ]
     )
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] | None = None

@@ -13,8 +13,6 @@ does with a head, not what the server buffers (nginx in front bounds that).
 
 from __future__ import annotations
 
-from itertools import chain
-
 from gateway.errors import HeadTooLarge, URITooLong
 from gateway.types import ASGIApp, Receive, Scope, Send
 
@@ -45,12 +43,13 @@ class HeadLimitMiddleware:
         target = len(scope.get("raw_path") or scope["path"].encode()) + (len(query) + 1 if query else 0)
         line = len(scope["method"]) + 1 + target + _VERSION
         if line > self.max_line:
-            return URITooLong(
-                f"The request line is {line} bytes, over the limit of {self.max_line} bytes."
-            )
+            return URITooLong(f"The request line is {line} bytes, over the limit of {self.max_line} bytes.")
         headers = scope["headers"]
-        # One C-level sum for the common case: a head under the line bound has no line over it.
-        total = line + _CRLF + sum(map(len, chain.from_iterable(headers))) + (_SEP + _CRLF) * len(headers) + _CRLF
+        total = line + _CRLF + _CRLF  # the request line's CRLF and the blank line that ends the head
+        for name, value in headers:
+            total += len(name) + len(value)
+        total += (_SEP + _CRLF) * len(headers)
+        # A head under the line bound has no line over it: the common case stops here.
         if total > self.max_line:
             for name, value in headers:
                 size = len(name) + _SEP + len(value)

@@ -94,7 +94,8 @@ class BodyMiddleware:
                 # No Content-Type at all is let through: some clients omit it for a JSON body.
                 shown = value[:100].decode("latin-1")
                 raise UnsupportedMediaType(
-                    f"Unsupported Content-Type '{shown}': send the body as JSON with 'Content-Type: application/json'."
+                    f"Unsupported Content-Type '{shown}': "
+                    "send the body as JSON with 'Content-Type: application/json'."
                 )
         chunks = []
         size = 0

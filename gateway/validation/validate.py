@@ -51,7 +51,9 @@ def validate(body: dict[str, Any], op: Operation) -> None:
         )
     if op is Operation.completions and request.best_of is not None and request.best_of < (request.n or 1):
         raise InvalidRequest(
-            "Invalid 'best_of': it must be greater than or equal to 'n'.", param="best_of", code="invalid_value"
+            "Invalid 'best_of': it must be greater than or equal to 'n'.",
+            param="best_of",
+            code="invalid_value",
         )
 
 
@@ -90,7 +92,9 @@ def refusal(message: str, body: dict[str, Any], op: Operation) -> InvalidRequest
     path = path.removesuffix("[...]")
     if m := _MISSING.fullmatch(msg):
         param = f"{path}.{m['field']}" if path else m["field"]
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     value = None if entry else _lookup(body, path)
     if m := _TYPE.fullmatch(msg):
         expected = " or ".join(_NAMES.get(t, t) for t in m["expected"].split(" | ") if t != "null")
@@ -120,10 +124,16 @@ def refusal(message: str, body: dict[str, Any], op: Operation) -> InvalidRequest
             code = f"{noun}_{'above_max' if above else 'below_min'}_length"
             got = f"{'an' if noun[0] in 'ao' else 'a'} {noun} with length {length}"
         side = "maximum" if m["op"] == "<=" else "minimum"
-        text = f"Invalid '{path}': {problem}. Expected {_NAMES[m['kind']]} with {side} length {m['bound']}, but got {got} instead."
+        text = (
+            f"Invalid '{path}': {problem}. "
+            f"Expected {_NAMES[m['kind']]} with {side} length {m['bound']}, but got {got} instead."
+        )
         return InvalidRequest(text, param=path, code=code)
     if m := _PATTERN.fullmatch(msg):
-        text = f"Invalid '{path}': string does not match pattern. Expected a string that matches the pattern {m['pattern']}."
+        text = (
+            f"Invalid '{path}': string does not match pattern. "
+            f"Expected a string that matches the pattern {m['pattern']}."
+        )
         return InvalidRequest(text, param=path, code="invalid_value")
     if m := _VALUE.fullmatch(msg):
         shown = m["value"] if len(m["value"]) <= _SHOWN else m["value"][:_SHOWN] + "...'"
