@@ -66,7 +66,10 @@ class RefusalPart(Part, tag="refusal"):
     refusal: str
 
 
-Content = str | Annotated[list[TextPart | ImagePart | AudioPart | FilePart | RefusalPart], Meta(min_length=1)]
+AnyPart = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
+Content = str | Annotated[list[AnyPart], Meta(min_length=1)]
+# An assistant turn may carry no content (a call); some clients say so with [] rather than null.
+AssistantContent = str | list[AnyPart]
 
 # -- tool calls an assistant message carries ------------------------------------------------------
 
@@ -117,7 +120,7 @@ class UserMessage(Message, tag="user", kw_only=True):
 
 
 class AssistantMessage(Message, tag="assistant", kw_only=True):
-    content: Content | None = None
+    content: AssistantContent | None = None
     refusal: str | None = None
     tool_calls: list[FunctionToolCall | CustomToolCall] | None = None
     function_call: CalledFunction | None = None

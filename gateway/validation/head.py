@@ -6,9 +6,10 @@ line or a header, without its CRLF) at most 8 KiB, the whole head at most
 counted as the server hands the head over (names lowercased, `: ` between name
 and value, CRLF after each line), before auth, so an oversized head never reaches a key lookup.
 
-The server has read the whole head before any ASGI layer runs: uvicorn's
-httptools parser has no bound of its own, so this layer bounds what the gateway
-does with a head, not what the server buffers (nginx in front bounds that).
+The server has read the whole head before any ASGI layer runs, and uvicorn's
+httptools parser has no bound of its own: `protocol.py` stops a head past the
+bound while it arrives under `gateway serve`; under another server, nginx in
+front bounds what it buffers.
 """
 
 from __future__ import annotations

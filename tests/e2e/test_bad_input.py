@@ -6,8 +6,10 @@ reach the upstream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -329,6 +331,32 @@ def test_an_oversized_head_is_431_before_auth(
     error = assert_response_refused(response, 431)
     assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
     assert "aaaa" not in error["message"]  # a header's value is never echoed
+    assert mock_upstream.requests == []
+
+
+def test_a_head_still_arriving_is_refused_before_it_ends(gw: GatewayProcess, mock_upstream: MockOpenAI) -> None:
+    # uvicorn's httptools parser alone would buffer all of it first (seconds of CPU for 64 MiB).
+    piece = b"a" * 65536
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    sent, reply = 0, b""
+    try:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-bad\r\nx-big: ".encode())
+        while sent < 64 * len(piece) and not select.select([sock], [], [], 0.05)[0]:
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    finally:
+        sock.close()
+    assert sent < 64 * len(piece), "no answer until the client stopped sending"
+    head, _, body = reply.partition(b"\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    error = assert_refused(int(head.split()[1]), headers, body, 431)
+    assert error["code"] == "request_header_fields_too_large"
     assert mock_upstream.requests == []
 
 

@@ -53,6 +53,8 @@ VALID: list[Any] = [
                 {"role": "assistant", "refusal": "I can't"},
                 {"role": "assistant", "audio": {"id": "audio_1"}},
                 {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+                {"role": "assistant", "content": [], "tool_calls": [
+                    {"id": "c3", "type": "function", "function": {"name": "f", "arguments": ""}}]},
                 {"role": "function", "name": "f", "content": None},
                 {"role": "user", "content": "", "name": "bob"},
             ],
