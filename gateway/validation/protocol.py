@@ -13,6 +13,7 @@ checks its lines and total precisely (this layer counts raw bytes and leaves
 those decisions to it). The bound reaches each worker process through uvicorn's
 own `h11_max_incomplete_event_size` setting, which means the same thing for
 uvicorn's h11 protocol: the most bytes of a request head not yet complete.
+It is the value at start; a config reload changes the middleware's bounds, not this one.
 """
 
 from __future__ import annotations

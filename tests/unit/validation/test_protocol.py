@@ -12,6 +12,8 @@ from uvicorn.server import ServerState
 
 from gateway.validation.protocol import DEFAULT_MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 
+pytestmark = pytest.mark.anyio
+
 BOUND = 1000
 
 
@@ -116,5 +118,3 @@ async def test_no_bound_configured_means_the_default(bound: int | None) -> None:
     protocol, _ = connect(bound)
     assert protocol.max_head_bytes == DEFAULT_MAX_HEAD_BYTES
 
-
-pytestmark = pytest.mark.anyio
