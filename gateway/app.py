@@ -1,7 +1,8 @@
 """build_app(config): the middleware stack folded around the forwarding app.
 
-    AccessLog -> RequestId -> [CORS] -> Auth -> Body -> HotRoutes -> Forward   (POST /v1/<operation>)
-                                                              -> Starlette   (/v1/models, /admin, health)
+    AccessLog -> RequestId -> HeadLimit -> [CORS] -> Auth -> Body -> HotRoutes
+        HotRoutes -> Forward     (POST /v1/<operation>)
+                  -> Starlette   (/v1/models, /admin, health)
 
 The few hot routes are dispatched by one dict lookup before any general
 router; Starlette serves the rest and runs the lifespan (pools, store).
@@ -48,6 +49,7 @@ from gateway.telemetry.access_log import AccessLogMiddleware
 from gateway.telemetry.request_id import RequestIdMiddleware
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
+from gateway.validation.head import HeadLimitMiddleware
 from gateway.validation.middleware import BodyMiddleware
 
 log = logging.getLogger("gateway")
@@ -236,6 +238,11 @@ class Snapshot:
             )
         if self.tracing is not None:
             app = tracing.TracingMiddleware(app, tracing=self.tracing)
+        # Before auth and CORS: an oversized head is refused before anything reads it.
+        server = config.server
+        app = HeadLimitMiddleware(
+            app, max_line_bytes=server.max_header_line_bytes, max_head_bytes=server.max_head_bytes
+        )
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
         self.app = AccessLogMiddleware(app) if config.server.access_log else app
 

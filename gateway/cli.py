@@ -53,7 +53,10 @@ def serve(args: argparse.Namespace) -> int:
         port=config.server.port if args.port is None else args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools, bounding a head while it arrives; the bound travels to every worker in uvicorn's
+        # own setting for the same thing (the h11 protocol's name for it).
+        http="gateway.validation.protocol:BoundedHttpToolsProtocol",
+        h11_max_incomplete_event_size=config.server.max_head_bytes,
         log_config=None,
         access_log=False,
         server_header=False,

@@ -36,6 +36,9 @@ class ServerConfig(Struct):
     host: str = "127.0.0.1"
     port: Port = 8080
     max_body_bytes: PositiveInt = 1_048_576
+    # The request head (nginx's defaults): one line (request line or header) and the whole head; else 431.
+    max_header_line_bytes: PositiveInt = 8192
+    max_head_bytes: PositiveInt = 32768
     access_log: bool = True  # one JSON line per request on the gateway.access logger
 
 
@@ -242,6 +245,10 @@ def _substitute(node: Any, path: str, env: dict[str, str], problems: list[str]) 
 
 def _cross_check(config: Config) -> list[str]:
     problems = []
+    if config.server.max_header_line_bytes > config.server.max_head_bytes:
+        problems.append(
+            "server.max_header_line_bytes: larger than server.max_head_bytes, which bounds every line too"
+        )
     for name, provider in config.providers.items():
         if provider.url and not provider.url.startswith(("http://", "https://")):
             problems.append(f"providers.{name}.base_url: must start with http:// or https://")

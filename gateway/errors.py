@@ -3,7 +3,10 @@
     GatewayError                      -> {"error": {message, type, param, code}}
     ├── InvalidRequest        400  invalid_request_error
     │   ├── UnsupportedOperation  400  (provider lacks the capability)
-    │   └── BodyTooLarge      413
+    │   ├── BodyTooLarge      413
+    │   ├── URITooLong        414  (request line over server.max_header_line_bytes)
+    │   ├── UnsupportedMediaType 415  (a body that is not declared as JSON)
+    │   └── HeadTooLarge      431  (a header line or the whole head over its bound)
     ├── AuthenticationError   401  (missing, malformed or unknown credential)
     ├── PermissionDenied      403  (model not allowed for this key)
     ├── NotFound              404  (unknown model or route)
@@ -65,6 +68,21 @@ class UnsupportedOperation(InvalidRequest):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class URITooLong(InvalidRequest):
+    status = 414
+    code = "uri_too_long"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class HeadTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
 
 
 class AuthenticationError(GatewayError):

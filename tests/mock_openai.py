@@ -740,6 +740,10 @@ def _chat_stream(
 def _completion_text(payload: dict[str, Any]) -> str:
     prompt = payload["prompt"]
     first = prompt[0] if isinstance(prompt, list) and prompt else prompt
+    if first is None:  # a null prompt: the model starts a new document
+        return "echo: "
+    if isinstance(first, int):  # one prompt of token ids
+        first = prompt
     return "echo: " + (first if isinstance(first, str) else " ".join(map(str, first)))
 
 

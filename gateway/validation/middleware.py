@@ -1,7 +1,9 @@
-"""Reads a hot route's JSON body once, within a size bound, and checks the fields routing needs.
+"""Reads a hot route's JSON body once, within a size bound, and validates it before anything is charged.
 
-Everything later (limits, cache, router, adapters) reads `ctx.body`; nobody
-parses the request again. Fields the upstream alone cares about are left to it.
+Everything later (limits, cache, router, adapters) reads `ctx.body`, the parsed
+dict; nobody parses the request again. The body is checked against its
+operation's schema (`validate.py`): types, ranges, required fields, roles and
+content shapes, as OpenAI documents them. Fields no schema declares pass untouched.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import BodyTooLarge, GatewayError, InvalidRequest, MethodNotAllowed
+from gateway.errors import BodyTooLarge, GatewayError, InvalidRequest, MethodNotAllowed, UnsupportedMediaType
 from gateway.providers import Operation
 from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.validation.validate import validate
 
 MAX_DEPTH = 64
 
-# The field each operation cannot do without, and the JSON types it may have.
-_REQUIRED: dict[Operation, tuple[str, tuple[type, ...], str]] = {
-    Operation.chat: ("messages", (list,), "an array of message objects"),
-    Operation.completions: ("prompt", (str, list), "a string or an array"),
-    Operation.embeddings: ("input", (str, list), "a string or an array"),
-    Operation.images: ("prompt", (str,), "a string"),
-}
+
+def is_json(content_type: bytes) -> bool:
+    """application/json or a +json type, any parameters (charset) aside."""
+    if content_type == b"application/json":  # what the SDKs send
+        return True
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 def _too_deep(node: Any, limit: int) -> bool:
@@ -50,14 +53,7 @@ def parse(raw: bytes, op: Operation) -> dict[str, Any]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter as a non-empty string.", param="model")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    if "stream_options" in body and not isinstance(body["stream_options"], (dict, type(None))):
-        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
-    field, types, expected = _REQUIRED[op]
-    value = body.get(field)
-    if not isinstance(value, types) or (op is Operation.chat and not all(isinstance(m, dict) for m in value)):
-        raise InvalidRequest(f"'{field}' is required and must be {expected}.", param=field)
+    validate(body, op)
     return body
 
 
@@ -89,12 +85,18 @@ class BodyMiddleware:
 
     async def read(self, scope: Scope, receive: Receive) -> bytes | None:
         too_large = BodyTooLarge(f"The request body exceeds the limit of {self.max_bytes} bytes.")
+        # Both refusals come before reading: the declared size or type is already wrong.
         for name, value in scope["headers"]:
             if name == b"content-length":
-                # Refuse before reading: the declared size is already over.
                 if not value.isdigit() or int(value) > self.max_bytes:
                     raise too_large if value.isdigit() else InvalidRequest("Invalid Content-Length header.")
-                break
+            elif name == b"content-type" and not is_json(value):
+                # No Content-Type at all is let through: some clients omit it for a JSON body.
+                shown = value[:100].decode("latin-1")
+                raise UnsupportedMediaType(
+                    f"Unsupported Content-Type '{shown}': "
+                    "send the body as JSON with 'Content-Type: application/json'."
+                )
         chunks = []
         size = 0
         while True:

@@ -6,8 +6,10 @@ reach the upstream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -150,7 +152,8 @@ def test_messages_missing_is_400(http: httpx.Client, mock_upstream: MockOpenAI) 
     assert mock_upstream.requests == []
 
 
-@pytest.mark.parametrize("stream", ["yes", "true", 1, None, {"on": True}])
+# null is not here: it is "not set", as OpenAI reads it (and the SDK sends it for stream=None).
+@pytest.mark.parametrize("stream", ["yes", "true", 1, {"on": True}])
 def test_stream_not_a_bool_is_400(http: httpx.Client, mock_upstream: MockOpenAI, stream: Any) -> None:
     response = http.post(CHAT, json={"model": "gpt-mini", "messages": MESSAGES, "stream": stream})
     assert_response_refused(response, 400)
@@ -291,6 +294,76 @@ def test_chunked_body_growing_over_limit_is_refused_before_it_ends(
         client.close()
     assert_refused(status, headers, body, 413)
     assert mock_upstream.requests == []
+
+
+# -- content type and request head ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_json_sent_as_another_type_is_415(http: httpx.Client, mock_upstream: MockOpenAI, content_type: str) -> None:
+    body = json.dumps({"model": "gpt-mini", "messages": MESSAGES}).encode()
+    response = http.post(CHAT, content=body, headers={"content-type": content_type})
+    assert assert_response_refused(response, 415)["code"] == "unsupported_media_type"
+    assert mock_upstream.requests == []
+
+
+def test_json_without_a_content_type_is_served(http: httpx.Client, mock_upstream: MockOpenAI) -> None:
+    body = json.dumps({"model": "gpt-mini", "messages": MESSAGES}).encode()
+    request = http.build_request("POST", CHAT, content=body)
+    assert "content-type" not in request.headers  # httpx sends none for raw bytes
+    assert http.send(request).status_code == 200
+
+
+@pytest.mark.parametrize("key", [TEAM_A_KEY, "sk-not-a-real-key-000000000"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"x-big": "a" * 65536}, id="one-64k-line"),
+        pytest.param({f"x-pad-{i}": "a" * 6000 for i in range(6)}, id="36k-of-small-lines"),
+    ],
+)
+def test_an_oversized_head_is_431_before_auth(
+    gw: GatewayProcess, mock_upstream: MockOpenAI, key: str, headers: dict[str, str]
+) -> None:
+    # A bad key still gets 431, not 401: the head is refused before auth runs.
+    with gw.http(api_key=key) as client:
+        response = client.post(CHAT, json={"model": "gpt-mini", "messages": MESSAGES}, headers=headers)
+    error = assert_response_refused(response, 431)
+    assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
+    assert "aaaa" not in error["message"]  # a header's value is never echoed
+    assert mock_upstream.requests == []
+
+
+def test_a_head_still_arriving_is_refused_before_it_ends(gw: GatewayProcess, mock_upstream: MockOpenAI) -> None:
+    # uvicorn's httptools parser alone would buffer all of it first (seconds of CPU for 64 MiB).
+    piece = b"a" * 65536
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    sent, reply = 0, b""
+    try:
+        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-bad\r\nx-big: ".encode())
+        while sent < 64 * len(piece) and not select.select([sock], [], [], 0.05)[0]:
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    finally:
+        sock.close()
+    assert sent < 64 * len(piece), "no answer until the client stopped sending"
+    head, _, body = reply.partition(b"\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    error = assert_refused(int(head.split()[1]), headers, body, 431)
+    assert error["code"] == "request_header_fields_too_large"
+    assert mock_upstream.requests == []
+
+
+def test_a_head_within_the_bounds_reaches_auth(gw: GatewayProcess, mock_upstream: MockOpenAI) -> None:
+    with gw.http(api_key="sk-not-a-real-key-000000000") as client:
+        response = client.get("/v1/models", headers={"x-big": "a" * 8000})
+    assert_response_refused(response, 401)
 
 
 # -- routes -----------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_serve_runs_uvicorn_with_overrides(tmp_path: Path, monkeypatch: pytest.M
     app, kw = calls[0]
     assert app == "gateway.app:app_from_env" and kw["factory"] is True
     assert kw["port"] == 9123 and kw["host"] == "127.0.0.1" and kw["workers"] == 2
-    assert kw["loop"] == "uvloop" and kw["http"] == "httptools"
+    assert kw["loop"] == "uvloop" and kw["http"] == "gateway.validation.protocol:BoundedHttpToolsProtocol"
+    assert kw["h11_max_incomplete_event_size"] == 32768  # the head bound, carried to every worker
     import os
 
     assert os.environ["GATEWAY_CONFIG"] == path

@@ -241,3 +241,15 @@ def test_provider_headers_are_checked(headers: str, fragment: str) -> None:
 def test_openrouter_headers_accepted() -> None:
     text = BASE.replace("type: openai,", "type: openrouter, headers: {HTTP-Referer: 'https://app.example', X-Title: App},")
     assert parse(text, ENV).providers["oai"].headers == {"HTTP-Referer": "https://app.example", "X-Title": "App"}
+
+
+def test_head_bounds_default_to_nginx_and_are_checked_together() -> None:
+    server = parse(BASE, ENV).server
+    assert (server.max_header_line_bytes, server.max_head_bytes) == (8192, 32768)
+    text = BASE.replace("max_body_bytes: 1048576", "max_body_bytes: 1048576, max_header_line_bytes: 40000")
+    assert problems(text) == [
+        "server.max_header_line_bytes: larger than server.max_head_bytes, which bounds every line too"
+    ]
+    assert problems(BASE.replace("max_body_bytes: 1048576", "max_body_bytes: 1048576, max_head_bytes: 0")) == [
+        "server.max_head_bytes: Expected `int` >= 1"
+    ]

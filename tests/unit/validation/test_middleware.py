@@ -53,10 +53,14 @@ def test_other_paths_pass_untouched() -> None:
         (b'{"messages": []}', "model", "model parameter"),
         (b'{"model": 5, "messages": []}', "model", "model parameter"),
         (b'{"model": "", "messages": []}', "model", "model parameter"),
-        (b'{"model": "m", "messages": "hi"}', "messages", "'messages' is required"),
-        (b'{"model": "m", "messages": ["hi"]}', "messages", "'messages' is required"),
-        (b'{"model": "m", "messages": [], "stream": "yes"}', "stream", "'stream' must be a boolean"),
-        (b'{"model": "m", "messages": [], "stream_options": 1}', "stream_options", "must be an object"),
+        (b'{"model": "m", "messages": "hi"}', "messages", "expected an array, but got a string"),
+        (b'{"model": "m", "messages": ["hi"]}', "messages[0]", "expected an object, but got a string"),
+        (b'{"model": "m", "messages": []}', "messages", "empty array"),
+        (b'{"model": "m", "messages": [{"role": "root", "content": "x"}]}', "messages[0].role", "'root'"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream",
+         "expected a boolean, but got a string"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "stream_options",
+         "expected an object, but got an integer"),
         (b'{"model": "m", "messages": [{"content": "\xff\xfe"}]}', None, "could not parse"),
     ],
 )
@@ -70,6 +74,8 @@ def test_bad_bodies_are_400(body: bytes, param: str | None, fragment: str) -> No
     ("path", "body", "param"),
     [
         ("/v1/embeddings", b'{"model": "e"}', "input"),
+        ("/v1/completions", b'{"model": "c"}', "prompt"),
+        ("/v1/images/generations", b'{"model": "i"}', "prompt"),
         ("/v1/embeddings", b'{"model": "e", "input": 3}', "input"),
         ("/v1/completions", b'{"model": "c", "prompt": {}}', "prompt"),
         ("/v1/images/generations", b'{"model": "i", "prompt": ["a"]}', "prompt"),
@@ -84,7 +90,9 @@ def test_deep_nesting_is_400_but_wide_is_fine() -> None:
     deep = b'{"model": "m", "messages": [{"content": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}]}"
     status, err = error(deep)
     assert status == 400 and "nested deeper" in err["message"]
-    wide = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": [{"t": i}]} for i in range(200)]})
+    wide = orjson.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": str(i)}]} for i in range(200)]}
+    )
     result, _ = run(wide, max_bytes=100_000)
     assert result.status == 200
 
@@ -97,6 +105,32 @@ def test_declared_length_over_limit_is_refused_before_reading() -> None:
 def test_streamed_body_over_limit_is_413() -> None:
     status, _ = error([b"{" + b" " * 600, b" " * 600 + b"}"])
     assert status == 413
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [b"text/plain", b"text/plain;charset=UTF-8", b"application/x-www-form-urlencoded",
+     b"multipart/form-data; boundary=x", b"application/jsonx", b"json", b""],
+)
+def test_a_body_not_declared_as_json_is_415_before_reading(content_type: bytes) -> None:
+    # No body chunk is given: a refusal that waited for it would see the disconnect instead.
+    status, err = error([], headers=[(b"content-type", content_type)])
+    assert status == 415 and err["code"] == "unsupported_media_type" and err["type"] == "invalid_request_error"
+    assert "application/json" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-type", b"application/json")],
+        [(b"content-type", b"Application/JSON; charset=utf-8")],
+        [(b"content-type", b"application/merge-patch+json")],
+        [],  # some clients send JSON without saying so: accepted
+    ],
+)
+def test_json_content_types_and_none_are_accepted(headers: list[tuple[bytes, bytes]]) -> None:
+    result, seen = run(CHAT, headers=headers)
+    assert result.status == 200 and seen
 
 
 def test_bad_content_length_is_400() -> None:
