@@ -148,7 +148,8 @@ class Limiter:
         ctx.extra_headers += _headers(required, [int(x) for x in reply[5:]])
         if not admitted:
             every = [*required, *(s for r in alternatives for s in r.quota)]
-            raise _refusal(every[refused - 1], reset_ms, refused > len(required), ctx.model)
+            spec = every[refused - 1]
+            raise _refusal(spec, reset_ms, refused > len(required), ctx.model, self._amount(spec, admission))
         admission.lease = next((s for s in required if s.kind == LEASE), None)
         admission.charges += [(s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE]
         if chosen:
@@ -226,7 +227,7 @@ class Limiter:
             )
         refused = self._local.admit(required, admission)
         if refused is not None:
-            raise _refusal(refused, 1000, False, ctx.model)
+            raise _refusal(refused, 1000, False, ctx.model, self._amount(refused, admission))
         admission.local = True
         return admission
 
@@ -338,7 +339,20 @@ def _headers(specs: tuple[Spec, ...], reply: list[int]) -> list[tuple[bytes, byt
     return headers
 
 
-def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str) -> RateLimited:
+def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str, amount: int) -> RateLimited:
+    """The 429 for `spec`. Its Retry-After is when a retry would be let in (reset_ms, rounded up to
+    whole seconds), absent when none ever would (the request alone is over the limit)."""
+    if amount > spec.limit:
+        asked, limit = _quantity(spec, amount), _quantity(spec, spec.limit)
+        if deployments:
+            message = f"more than any deployment of model `{alias}` allows ({reason(spec)}: {limit})"
+        else:
+            message = f"more than the limit of {limit} for {reason(spec)}"
+        error = QuotaExceeded if spec.counts == COST and not deployments else RateLimited
+        return error(
+            f"This request alone needs {asked}, {message}; it cannot be admitted as it is.",
+            headers=[(b"x-should-retry", b"false")],  # the OpenAI SDKs would retry a 429 otherwise
+        )
     wait = max(1, math.ceil(reset_ms / 1000))
     headers = [(b"retry-after", b"%d" % wait), (b"retry-after-ms", b"%d" % reset_ms)]
     if deployments:
@@ -354,7 +368,12 @@ def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str) -> RateLi
             headers=headers,
         )
     if spec.kind == LEASE:
+        # A slot frees when a request in flight ends, which no clock tells: 1 s is a hint to poll.
         message = f"Too many {reason(spec)}: {spec.limit} already in flight. Retry when one has finished."
     else:
         message = f"Rate limit reached for {reason(spec)}: limit {spec.limit}."
     return RateLimited(f"{message} Please try again in {reset_ms / 1000:.1f}s.", headers=headers)
+
+
+def _quantity(spec: Spec, amount: int) -> str:
+    return f"${amount / 1e9:g}" if spec.counts == COST else f"{amount} tokens"  # requests cost 1: always fit

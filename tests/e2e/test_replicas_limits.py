@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.e2e.conftest import TEAM_A_KEY, default_config
@@ -57,7 +58,35 @@ def test_headers_count_down_across_replicas_and_rpd(
             answers.append(c.post("/v1/chat/completions", json=BODY))
     assert [r.headers.get("x-ratelimit-remaining-requests") for r in answers] == ["3", "2", "1", "0", "0"]
     assert answers[4].status_code == 429 and "requests per day (rpd)" in answers[4].json()["error"]["message"]
-    assert int(answers[4].headers["retry-after"]) > 3600  # a day's window: hours, not seconds
+    # The first request leaves a day after it (its bucket's last charge): hours on, and never
+    # more than the day.
+    assert 86_400 - 60 < int(answers[4].headers["retry-after"]) <= 86_400
+
+
+def test_retry_after_is_when_the_retry_is_admitted_on_the_real_clock(
+    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str
+) -> None:
+    """The one test that waits (about a minute): Redis's clock, the gateway, the OpenAI SDK."""
+    gw = gateway_factory(limited(mock_upstream, redis_url, rpm=2))
+    client = gw.client()  # no retries of its own
+    messages = [{"role": "user", "content": "x"}]
+
+    def chat() -> Any:
+        return client.chat.completions.with_raw_response.create(model="gpt-mini", messages=messages)
+
+    chat(), chat()
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat()
+    received = time.monotonic()
+    headers = refused.value.response.headers
+    true_ms, advertised = int(headers["retry-after-ms"]), int(headers["retry-after"])
+    assert 58_000 < true_ms <= 60_000 and advertised == -(-true_ms // 1000)  # rounded up, at most 60
+    time.sleep(max(0.0, received + true_ms / 1000 - 1 - time.monotonic()))
+    with pytest.raises(openai.RateLimitError) as early:  # one second short of the true time
+        chat()
+    assert 0 < int(early.value.response.headers["retry-after-ms"]) <= 1000
+    time.sleep(max(0.0, received + advertised - time.monotonic()))
+    assert chat().http_response.status_code == 200  # the advertised wait was enough
 
 
 def test_tpm_reserves_the_estimate_and_reconciles_on_the_other_replica(
