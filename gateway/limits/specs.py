@@ -32,7 +32,8 @@ to its real usage (0 for an error or a cache hit).
 Store schema: every limit of every key and deployment lives under one hash tag,
 `{rl}`, because one script must touch all of a request's counters (a key's and a
 deployment's) and Redis Cluster runs a script on one slot only:
-    gw:{rl}:k:<key id>:<rpm|tpm|rpd>:<bucket number>       counter, expires window + 2 buckets after its last charge
+    gw:{rl}:k:<key id>:<rpm|tpm|rpd>:<bucket number>       counter; expires window + 2 buckets after
+                                                           its last charge
     gw:{rl}:k:<key id>:m:<alias>:<rpm|tpm|rpd>:<bucket>    the key's limits on one model
     gw:{rl}:k:<key id>:usd:<day or month number>           budget spent, nano-USD
     gw:{rl}:k:<key id>:conc                                zset: request id -> lease expiry (ms)
@@ -118,11 +119,19 @@ def month_number(ms: int) -> tuple[int, int]:
     return at.year * 12 + at.month - 1, int(following.timestamp() * 1000) - ms
 
 
+def calendar(window: int, now: int) -> tuple[int, int, int]:
+    """A calendar window at `now`: (its number, ms until it ends, ms its counter lives), as the Lua."""
+    if window == MONTH:
+        number, reset = month_number(now)
+        return number, reset, reset + DAY_MS
+    return now // window, window - now % window, 2 * window
+
+
 def counter_of(spec: Spec, now: int) -> str:
     """The name of the counter `spec` charged at `now` (a sliding bucket or a calendar window)."""
     if spec.kind == SLIDING:
         return f"{spec.name}:{now // spec.bucket_ms}"
-    return f"{spec.name}:{month_number(now)[0] if spec.window_ms == MONTH else now // spec.window_ms}"
+    return f"{spec.name}:{calendar(spec.window_ms, now)[0]}"
 
 
 class _State:
@@ -171,11 +180,7 @@ def _read(ops: LocalOps, keys: list[str], args: list[bytes], i: int, now: int) -
             if s.first <= now:
                 s.used, counts[0] = s.used - counts[0], 0
     else:
-        if window == MONTH:
-            number, s.reset = month_number(now)
-            s.ttl = s.reset + DAY_MS
-        else:
-            number, s.reset, s.ttl = now // window, window - now % window, 2 * window
+        number, s.reset, s.ttl = calendar(window, now)
         s.key = f"{base}:{number}"
         s.used = int(ops.get(s.key) or b"0")
     s.fits = s.used + s.cost <= s.limit
@@ -284,6 +289,22 @@ def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
 # a lease; ("c", counter name with its bucket or window number, delta) corrects what admission
 # charged. A counter whose window has expired is left alone; none goes below zero.
 SETTLE = Script("gateway.rate_settle", lua_source("gateway.limits", "settle.lua"), _settle_local)
+
+
+def _reconcile_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
+    for i in range(0, len(args), 3):
+        key = f"{keys[0]}:{args[i].decode()}"
+        value = ops.incr(key, int(args[i + 1]))
+        if ops.ttl(key) is None:
+            ops.expire(key, int(args[i + 2]) / 1000)
+        if value < 0:
+            ops.incr(key, -value)
+    return 1
+
+
+# KEYS[1]: PREFIX. ARGV: triples (budget counter name with its window number, nano-USD, ms the
+# counter lives should this create it): spend admitted while the store was unreachable.
+RECONCILE = Script("gateway.rate_reconcile", lua_source("gateway.limits", "reconcile.lua"), _reconcile_local)
 
 
 def estimate(body: Mapping[str, Any], default: int = DEFAULT_COMPLETION_TOKENS) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from gateway.limits.specs import (
     MINUTE_MS,
     MONTH,
     PREFIX,
+    RECONCILE,
     SETTLE,
     SLIDING,
     month_number,
@@ -131,6 +132,19 @@ class TestDeploymentsAndLeases:
         assert (await admit(store, budget))[0] == 0
         await store.run(SETTLE, [PREFIX], ["c", f"k:a:usd:{number}", -500_000])  # it cost less
         assert (await admit(store, budget))[0] == 1
+
+    async def test_reconcile_adds_outage_spend_remaking_a_lost_counter(self, store: Store) -> None:
+        budget = limit("k:a:usd", 1_000_000, 100_000, kind=CALENDAR, window=MONTH)
+        number, reset = month_number((await admit(store, budget))[4])
+        kept, lost = f"k:a:usd:{number}", f"k:b:usd:{number}"
+        await store.run(RECONCILE, [PREFIX], [kept, 250_000, 300, lost, 70_000, 300, "k:c:usd:1", -9, 300])
+        assert await store.get(f"{PREFIX}:{kept}") == b"350000"
+        assert await store.get(f"{PREFIX}:{lost}") == b"70000"  # made again, expiring with the ttl given
+        assert await store.get(f"{PREFIX}:k:c:usd:1") == b"0"  # never below zero
+        reply = await admit(store, budget)
+        assert reply[5] == 1_000_000 - 350_000 - 100_000 and reply[6] == pytest.approx(reset, abs=5_000)
+        await anyio.sleep(0.4)
+        assert await store.get(f"{PREFIX}:{lost}") is None and await store.get(f"{PREFIX}:{kept}") is not None
 
     async def test_calendar_day(self, store: Store) -> None:
         reply = await admit(store, limit("k:a:usd", 10, 3, kind=CALENDAR, window=DAY_MS))

@@ -215,7 +215,8 @@ async def test_limits_fail_open_on_this_replicas_counts_or_closed(config_text: s
         report = (await c.get("/health/store")).json()
     assert r.status_code == 503 and r.json()["error"]["code"] == "limits_unavailable"
     assert report["decided_without_store"] == {"limits": 4, "cache": 0}
-    assert report["outage_policy"] == {"limits": "open", "cache": "open"} and report["reachable"] is True
+    assert report["outage_policy"] == {"limits": "open", "cache": "open", "budgets": "closed"}
+    assert report["reachable"] is True
 
 
 async def test_completion_estimate_is_per_model(config_text: str, mock: MockOpenAI) -> None:

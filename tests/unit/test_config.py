@@ -53,6 +53,7 @@ def test_defaults_when_sections_absent() -> None:
     config = parse("{}", {})
     assert config == Config()
     assert config.server.port == 8080 and config.store.url == "memory://"
+    assert config.store.outage.budgets == "closed"  # unchecked spend is money: 503 unless chosen
 
 
 def test_missing_variable_names_path_and_variable() -> None:
@@ -83,6 +84,7 @@ def test_unknown_field_names_path() -> None:
         ("rpm: 500", "rpm: 0", "models[0].deployments[0].limits.rpm"),
         ("port: 8080", "port: 70000", "server.port"),
         ("first_byte_s: 60", "first_byte_s: -1", "router.timeouts.first_byte_s"),
+        ('url: "memory://"}', 'url: "memory://", outage: {budgets: maybe}}', "store.outage.budgets"),
     ],
 )
 def test_bad_values_name_the_path(old: str, new: str, path: str) -> None:
