@@ -204,6 +204,7 @@ class Snapshot:
             {m.name: m.completion_estimate for m in config.models},
             lease_s=r.timeouts.total_s + 60,
             outage=config.store.outage.limits,
+            budget_outage=config.store.outage.budgets,
         )
         self.limiter = limiter
         forward = Forward(
@@ -310,11 +311,13 @@ class Snapshot:
             {
                 "reachable": error is None,
                 "error": error,
-                "outage_policy": {"limits": outage.limits, "cache": outage.cache},
+                "outage_policy": {"limits": outage.limits, "cache": outage.cache, "budgets": outage.budgets},
                 "decided_without_store": {
                     "limits": self.limiter.without_store,
                     "cache": self.cache.without_store if self.cache is not None else 0,
                 },
+                # Budget spend admitted here while the store was down, not yet written to it.
+                "budget_usd_to_reconcile": self.limiter.ledger.owed_usd if self.limiter.ledger else 0.0,
             }
         )
 

@@ -50,6 +50,9 @@ class OutagePolicy(Struct):
 
     limits: Literal["open", "closed"] = "open"  # open: each replica counts on its own
     cache: Literal["open", "closed"] = "open"  # open: answers go uncached
+    # Keys with a budget. closed: 503 (spend unchecked is money); open: each replica counts spend
+    # against what the store last said, and writes it to the store when it answers again.
+    budgets: Literal["open", "closed"] = "closed"
 
 
 class StoreConfig(Struct):

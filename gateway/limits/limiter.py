@@ -7,10 +7,10 @@ script once. `charge` pays a deployment's quota when a failed attempt moves on
 to it. `settle`, after the answer went out, corrects the tokens and cost to the
 real usage and releases the concurrency lease, in one more script run.
 
-Store down: `store.outage.limits: open` (the default) serves and counts rpm, tpm,
-rpd and concurrency on this replica alone (the `limits` library's sliding-window
-counter), so each replica enforces the whole limit by itself until the store is
-back; budgets are not enforced meanwhile. `closed` answers 503.
+Store down (`outage.py`): `store.outage.limits: open` (the default) serves and counts
+rpm, tpm, rpd and concurrency on this replica alone, `closed` answers 503; a key with
+a budget is answered 503 under `store.outage.budgets: closed` (the default), or with
+`open` its spend is counted here and written to the store when it answers again.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
-from limits import RateLimitItemPerDay, RateLimitItemPerMinute
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
-
 from gateway.config import Limits
 from gateway.context import Admission, Lookup, RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.limits.outage import Ledger, Local
 from gateway.limits.specs import (
     ADMIT,
     CORRECT,
@@ -38,6 +35,7 @@ from gateway.limits.specs import (
     LEASE,
     NANO_USD_PER_MTOK,
     PREFIX,
+    RECONCILE,
     RELEASE,
     REQUESTS,
     SETTLE,
@@ -49,7 +47,7 @@ from gateway.limits.specs import (
     reason,
     specs_of,
 )
-from gateway.store import Store, StoreError
+from gateway.store import Call, Store, StoreError
 from gateway.tasks import Background
 
 if TYPE_CHECKING:
@@ -72,6 +70,7 @@ class Limiter:
         *,
         lease_s: float,
         outage: Literal["open", "closed"] = "open",
+        budget_outage: Literal["open", "closed"] = "closed",
     ) -> None:
         self.store = store
         self.breakers = breakers
@@ -80,6 +79,7 @@ class Limiter:
         self.lease_ms = math.ceil(lease_s * 1000)
         self.outage = outage
         self._local = Local()
+        self.ledger = Ledger() if budget_outage == "open" else None
         self._settling = Batch(store)
         self._logged = -_LOG_EVERY_S
         self.without_store = 0  # requests decided while the store was unreachable (GET /health/store)
@@ -133,22 +133,38 @@ class Limiter:
         for group, specs in enumerate((required, *(r.quota for r in alternatives))):
             for spec in specs:
                 args += spec.args(group, self._amount(spec, admission))
+        calls: list[Call] = [(ADMIT, [PREFIX], args)]
+        if lookup is not None and lookup.call is not None:
+            calls.append(lookup.call)
+        ledger = self.ledger
+        # The first admission after an outage first writes the budgets' spend this replica owes.
+        owed = ledger.take() if ledger else []
+        if owed:
+            calls.insert(0, (RECONCILE, [PREFIX], owed))
         try:
-            if lookup is not None and lookup.call is not None:
-                reply, claimed = await self.store.run_many([(ADMIT, [PREFIX], args), lookup.call])
-                if not isinstance(claimed, StoreError):  # else the cache tries on its own
-                    lookup.reply = claimed
+            if len(calls) == 1:
+                replies = [await self.store.run(ADMIT, [PREFIX], args)]
             else:
-                reply = await self.store.run(ADMIT, [PREFIX], args)
+                replies = await self.store.run_many(calls)
         except StoreError as exc:
-            return self._without_store(ctx, required, admission, exc)
+            replies = [exc] * len(calls)
+        if owed and isinstance(replies.pop(0), StoreError) and ledger is not None:
+            ledger.restore(owed)  # the store did not take it: owed still
+        reply = replies[0]
+        if lookup is not None and len(replies) > 1 and not isinstance(replies[1], StoreError):
+            lookup.reply = replies[1]  # else the cache tries on its own
         if isinstance(reply, StoreError):
             return self._without_store(ctx, required, admission, reply)
         admitted, refused, reset_ms, chosen, now = (int(x) for x in reply[:5])
         ctx.extra_headers += _headers(required, [int(x) for x in reply[5:]])
+        if ledger is not None:
+            for index, spec in enumerate(required):
+                if spec.counts == COST:  # what this budget has spent, should the store go away
+                    ledger.seen(spec, now, int(reply[5 + 2 * index]))
         if not admitted:
             every = [*required, *(s for r in alternatives for s in r.quota)]
-            raise _refusal(every[refused - 1], reset_ms, refused > len(required), ctx.model)
+            spec = every[refused - 1]
+            raise _refusal(spec, reset_ms, refused > len(required), ctx.model, self._amount(spec, admission))
         admission.lease = next((s for s in required if s.kind == LEASE), None)
         admission.charges += [(s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE]
         if chosen:
@@ -209,7 +225,11 @@ class Limiter:
             if capped:
                 actual = min(actual, amount)
             if actual != amount:
-                args += [CORRECT, counter_of(spec, now), actual - amount]
+                if admission.local:  # only its budgets were recorded: owed to the store later
+                    assert self.ledger is not None
+                    self.ledger.correct(spec, now, actual - amount)
+                else:
+                    args += [CORRECT, counter_of(spec, now), actual - amount]
         if admission.local:
             self._local.release(admission.member)
         elif args:  # nothing to correct and no lease: no round trip
@@ -219,14 +239,21 @@ class Limiter:
         self, ctx: RequestContext, required: tuple[Spec, ...], admission: Admission, exc: StoreError
     ) -> Admission | None:
         self._log_outage(exc)
-        if self.outage == "closed":
+        budgets = sum(spec.counts == COST for spec in required)
+        if budgets and self.ledger is None:
+            raise ServiceUnavailable(
+                "Budgets cannot be checked right now (store unreachable); try again shortly.",
+                code="budget_unavailable",
+            )
+        if self.outage == "closed" and (budgets < len(required) or not required):
             raise ServiceUnavailable(
                 "Rate limits cannot be checked right now (store unreachable); try again shortly.",
                 code="limits_unavailable",
             )
-        refused = self._local.admit(required, admission)
+        refused = self._local.admit(required, admission, self.ledger)
         if refused is not None:
-            raise _refusal(refused, 1000, False, ctx.model)
+            spec, reset_ms = refused
+            raise _refusal(spec, reset_ms, False, ctx.model, self._amount(spec, admission))
         admission.local = True
         return admission
 
@@ -236,7 +263,9 @@ class Limiter:
         if now - self._logged >= _LOG_EVERY_S:
             self._logged = now
             policy = "counting on this replica alone" if self.outage == "open" else "refusing with 503"
-            log.error("limits: store unreachable, %s (%d so far): %s", policy, self.without_store, exc)
+            budgets = "counted here till it is back" if self.ledger is not None else "refused with 503"
+            n = self.without_store
+            log.error("limits: store unreachable, %s, budgets %s (%d so far): %s", policy, budgets, n, exc)
 
 
 class Batch:
@@ -275,44 +304,6 @@ class Batch:
             self._draining = False
 
 
-class Local:
-    """This replica's own counts while the store is down (the `limits` library's sliding window)."""
-
-    def __init__(self) -> None:
-        self._window = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._leases: dict[str, str] = {}  # member -> lease name
-        self._held: dict[str, int] = {}
-
-    def admit(self, specs: tuple[Spec, ...], admission: Admission) -> Spec | None:
-        """Refusing limit, or None with every local counter charged (all or none: no await between)."""
-        checks = []
-        for spec in specs:
-            if spec.kind == LEASE:
-                if self._held.get(spec.name, 0) >= spec.limit:
-                    return spec
-                continue
-            if spec.counts == COST:
-                continue  # spend is not known without the store
-            item = (RateLimitItemPerDay if spec.window_ms > 60_000 else RateLimitItemPerMinute)(spec.limit)
-            amount = admission.tokens if spec.counts == TOKENS else 1
-            if amount and not self._window.test(item, spec.name, cost=amount):
-                return spec
-            checks.append((item, spec.name, amount))
-        for item, name, amount in checks:
-            if amount:
-                self._window.hit(item, name, cost=amount)
-        lease = next((s for s in specs if s.kind == LEASE), None)
-        if lease is not None:
-            self._held[lease.name] = self._held.get(lease.name, 0) + 1
-            self._leases[admission.member] = lease.name
-        return None
-
-    def release(self, member: str) -> None:
-        name = self._leases.pop(member, None)
-        if name is not None:
-            self._held[name] -= 1
-
-
 def _counts_usage(specs: tuple[Spec, ...]) -> bool:
     """Whether any of `specs` is charged tokens or cost (then the request's estimate is needed)."""
     return any(spec.counts != REQUESTS for spec in specs)
@@ -338,7 +329,20 @@ def _headers(specs: tuple[Spec, ...], reply: list[int]) -> list[tuple[bytes, byt
     return headers
 
 
-def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str) -> RateLimited:
+def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str, amount: int) -> RateLimited:
+    """The 429 for `spec`. Its Retry-After is when a retry would be let in (reset_ms, rounded up to
+    whole seconds), absent when none ever would (the request alone is over the limit)."""
+    if amount > spec.limit:
+        asked, limit = _quantity(spec, amount), _quantity(spec, spec.limit)
+        if deployments:
+            message = f"more than any deployment of model `{alias}` allows ({reason(spec)}: {limit})"
+        else:
+            message = f"more than the limit of {limit} for {reason(spec)}"
+        error = QuotaExceeded if spec.counts == COST and not deployments else RateLimited
+        return error(
+            f"This request alone needs {asked}, {message}; it cannot be admitted as it is.",
+            headers=[(b"x-should-retry", b"false")],  # the OpenAI SDKs would retry a 429 otherwise
+        )
     wait = max(1, math.ceil(reset_ms / 1000))
     headers = [(b"retry-after", b"%d" % wait), (b"retry-after-ms", b"%d" % reset_ms)]
     if deployments:
@@ -354,7 +358,12 @@ def _refusal(spec: Spec, reset_ms: int, deployments: bool, alias: str) -> RateLi
             headers=headers,
         )
     if spec.kind == LEASE:
+        # A slot frees when a request in flight ends, which no clock tells: 1 s is a hint to poll.
         message = f"Too many {reason(spec)}: {spec.limit} already in flight. Retry when one has finished."
     else:
         message = f"Rate limit reached for {reason(spec)}: limit {spec.limit}."
     return RateLimited(f"{message} Please try again in {reset_ms / 1000:.1f}s.", headers=headers)
+
+
+def _quantity(spec: Spec, amount: int) -> str:
+    return f"${amount / 1e9:g}" if spec.counts == COST else f"{amount} tokens"  # requests cost 1: always fit

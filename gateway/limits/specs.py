@@ -9,13 +9,18 @@ room (the router's order); only when none has, the client gets 429.
 
 Kinds of limit:
     sliding   rpm, tpm, rpd: counters per bucket (3 s for a minute, 1 h for a day);
-              a request is admitted when the current bucket and the whole window's
-              worth of buckets before it, together, leave room. That span always
-              covers the last full window, so no window of that length ever holds
-              more than the limit (never R + 1); the price is that a request stays
-              counted up to one bucket longer than the window, so steady traffic gets
-              at least 95% (minute) or 96% (day) of the limit. bench/limits_error.py
-              measures both against an exact sliding log.
+              a bucket's usage counts until a window after its last charge (the
+              counter's expiry, set to that instant + window + 2 buckets, records
+              it), and a request is admitted when what still counts leaves room.
+              Only the oldest bucket of the span (the current one and a window's
+              worth before it) can be partly past the window, so that is the one
+              expiry read. No window of that length ever holds more than the limit
+              (never R + 1); the price is that a charge early in a bucket stays
+              counted until the bucket's last one is a window old (steady traffic
+              gets at least 95% of the limit; bench/limits_error.py measures it
+              against an exact sliding log). A refusal's reset is when enough of
+              the oldest usage has left for the request, so it is never more than
+              the window and a retry then is let in (no one else admitted meanwhile).
     calendar  budgets: USD (as nano-USD) per UTC day or month, a fixed window.
     lease     concurrency: a sorted set of in-flight request ids scored by expiry,
               released when the answer ends and expired if a replica dies mid-request.
@@ -27,7 +32,8 @@ to its real usage (0 for an error or a cache hit).
 Store schema: every limit of every key and deployment lives under one hash tag,
 `{rl}`, because one script must touch all of a request's counters (a key's and a
 deployment's) and Redis Cluster runs a script on one slot only:
-    gw:{rl}:k:<key id>:<rpm|tpm|rpd>:<bucket number>       counter, expires after window + 2 buckets
+    gw:{rl}:k:<key id>:<rpm|tpm|rpd>:<bucket number>       counter; expires window + 2 buckets after
+                                                           its last charge
     gw:{rl}:k:<key id>:m:<alias>:<rpm|tpm|rpd>:<bucket>    the key's limits on one model
     gw:{rl}:k:<key id>:usd:<day or month number>           budget spent, nano-USD
     gw:{rl}:k:<key id>:conc                                zset: request id -> lease expiry (ms)
@@ -113,88 +119,146 @@ def month_number(ms: int) -> tuple[int, int]:
     return at.year * 12 + at.month - 1, int(following.timestamp() * 1000) - ms
 
 
+def calendar(window: int, now: int) -> tuple[int, int, int]:
+    """A calendar window at `now`: (its number, ms until it ends, ms its counter lives), as the Lua."""
+    if window == MONTH:
+        number, reset = month_number(now)
+        return number, reset, reset + DAY_MS
+    return now // window, window - now % window, 2 * window
+
+
 def counter_of(spec: Spec, now: int) -> str:
     """The name of the counter `spec` charged at `now` (a sliding bucket or a calendar window)."""
     if spec.kind == SLIDING:
         return f"{spec.name}:{now // spec.bucket_ms}"
-    return f"{spec.name}:{month_number(now)[0] if spec.window_ms == MONTH else now // spec.window_ms}"
+    return f"{spec.name}:{calendar(spec.window_ms, now)[0]}"
 
 
-def _sliding(ops: LocalOps, base: str, limit: int, window: int, bucket: int, cost: int, now: int) -> tuple:
-    number = now // bucket
-    span = window // bucket
-    counts = [int(ops.get(f"{base}:{b}") or b"0") for b in range(number - span, number + 1)]
-    used = sum(counts)
-    need, freed, reset = max(used + cost - limit, 1), 0, window + bucket
-    for j, count in enumerate(counts):
+class _State:
+    """One limit's reading in ADMIT (the Lua's table `s`)."""
+
+    __slots__ = (
+        "cost", "counts", "first", "fits", "group", "key", "kind", "limit", "names", "reset", "ttl", "used",
+        "wait", "window",
+    )
+
+    def __init__(self, group: int, kind: bytes, limit: int, cost: int) -> None:
+        self.group, self.kind, self.limit, self.cost = group, kind, limit, cost
+        self.first: int | None = None
+        self.wait: int | None = None
+        self.reset = self.window = 0
+        self.counts: list[int] = []
+        self.names: list[str] = []
+
+
+def _leaves(ops: LocalOps, s: _State, j: int) -> int:
+    """When the usage in bucket j leaves the window: a window after the bucket's last charge,
+    which the counter's expiry records (every charge sets it to that instant + ttl)."""
+    return ops.pexpiretime(s.names[j]) - s.ttl + s.window
+
+
+def _read(ops: LocalOps, keys: list[str], args: list[bytes], i: int, now: int) -> _State:
+    kind, *numbers, packed_name = args[i + 1].split(b"|", 4)
+    limit, window, bucket = map(int, numbers)
+    s = _State(int(args[i]), kind, limit, int(args[i + 2]))
+    base = f"{keys[0]}:{packed_name.decode()}"
+    if kind == LEASE:
+        leases = {m: e for m, e in orjson.loads(ops.get(base) or b"{}").items() if e > now}
+        ops.set(base, orjson.dumps(leases), window / 1000) if leases else ops.delete(base)
+        s.key, s.used, s.reset, s.ttl = base, len(leases), 1000, window
+    elif kind == SLIDING:
+        # The current bucket and a window's worth before it: a span that covers the last window.
+        number, span = now // bucket, window // bucket
+        s.names = [f"{base}:{b}" for b in range(number - span, number + 1)]
+        s.counts = counts = [int(ops.get(name) or b"0") for name in s.names]
+        s.used = sum(counts)
+        s.key, s.ttl, s.window = f"{base}:{number}", window + 2 * bucket, window
+        # The oldest bucket straddles the window's start: whether its usage has left is read only
+        # where it matters (the remaining a key is told; a deployment that is otherwise full).
+        if counts[0] > 0 and (s.group == 0 or s.used + s.cost > s.limit):
+            s.first = _leaves(ops, s, 0)
+            if s.first <= now:
+                s.used, counts[0] = s.used - counts[0], 0
+    else:
+        number, s.reset, s.ttl = calendar(window, now)
+        s.key = f"{base}:{number}"
+        s.used = int(ops.get(s.key) or b"0")
+    s.fits = s.used + s.cost <= s.limit
+    return s
+
+
+def _reset(ops: LocalOps, s: _State, now: int, charged: bool) -> int:
+    """ms until `s` lets the request in, no one else admitted meanwhile (when it fits: until the
+    first of its counted usage leaves; when it never can: until all of it has left)."""
+    if s.kind != SLIDING:
+        return s.reset
+    need = 1 if s.fits else s.used + s.cost - s.limit
+    need = min(need, s.used)
+    if need == 0:
+        return s.window if charged and s.cost > 0 else 0
+    freed = 0
+    for j, count in enumerate(s.counts):
         freed += count
-        if count and freed >= need:
-            reset = (number + j + 1) * bucket - now  # when bucket number - span + j leaves the span
-            break
-    return f"{base}:{number}", used, reset, window + 2 * bucket
+        if count > 0 and freed >= need:
+            return (s.first if j == 0 and s.first is not None else _leaves(ops, s, j)) - now
+    raise AssertionError("need is at most the usage counted")
+
+
+def _later(a: _State, b: _State) -> bool:
+    """Whether `a` holds the request back longer than `b`: a limit it can never fit, else the later wait."""
+    never_a, never_b = a.cost > a.limit, b.cost > b.limit
+    if never_a != never_b:
+        return never_a
+    return a.wait > b.wait  # type: ignore[operator]
 
 
 def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]:
     now = int(ops.time() * 1000)
     member, alternatives, free = args[0].decode(), int(args[1]), int(args[2])
-    states = []  # (group, kind, key, limit, cost, used, reset, ttl)
-    for i in range(3, len(args), 3):
-        group, cost = int(args[i]), int(args[i + 2])
-        kind, *numbers, packed_name = args[i + 1].split(b"|", 4)
-        limit, window, bucket = map(int, numbers)
-        base = f"{keys[0]}:{packed_name.decode()}"
-        if kind == LEASE:
-            leases = {m: e for m, e in orjson.loads(ops.get(base) or b"{}").items() if e > now}
-            ops.set(base, orjson.dumps(leases), window / 1000) if leases else ops.delete(base)
-            states.append((group, kind, base, limit, cost, len(leases), 1000, window))
-        elif kind == SLIDING:
-            key, used, reset, ttl = _sliding(ops, base, limit, window, bucket, cost, now)
-            states.append((group, kind, key, limit, cost, used, reset, ttl))
-        else:
-            if window == MONTH:
-                number, reset = month_number(now)
-                ttl = reset + DAY_MS
-            else:
-                number, reset, ttl = now // window, window - now % window, 2 * window
-            key = f"{base}:{number}"
-            states.append((group, kind, key, limit, cost, int(ops.get(key) or b"0"), reset, ttl))
-    refused, reset_ms, chosen = _decide(states, alternatives, free)
+    states = [_read(ops, keys, args, i, now) for i in range(3, len(args), 3)]
+    # A refusal reports the limit that frees last: a retry at its reset is let in by every one.
+    refused = chosen = 0
+    for i, s in enumerate(states, 1):
+        if s.group == 0 and not s.fits:
+            s.wait = _reset(ops, s, now, False)
+            if refused == 0 or _later(s, states[refused - 1]):
+                refused = i
+    if alternatives:
+        full = {s.group for s in states if s.group and not s.fits}
+        chosen = next((g for g in range(1, alternatives + 1) if g not in full), 0)
+        if not chosen and not free:
+            # Every deployment is over its quota: the one that frees soonest (when its last limit does).
+            worst: dict[int, int] = {}
+            for i, s in enumerate(states, 1):
+                if s.group and not s.fits:
+                    s.wait = _reset(ops, s, now, False)
+                    if s.group not in worst or _later(s, states[worst[s.group] - 1]):
+                        worst[s.group] = i
+            soonest = worst[1]
+            for g in range(2, alternatives + 1):
+                if _later(states[soonest - 1], states[worst[g] - 1]):
+                    soonest = worst[g]
+            if refused == 0 or _later(states[soonest - 1], states[refused - 1]):
+                refused = soonest
+        if refused:
+            chosen = 0
     if not refused:
-        for group, kind, key, _limit, cost, _used, _reset, ttl in states:
-            if group not in (0, chosen):
+        for s in states:
+            if s.group not in (0, chosen):
                 continue
-            if kind == LEASE:
-                leases = orjson.loads(ops.get(key) or b"{}")
-                leases[member] = now + ttl
-                ops.set(key, orjson.dumps(leases), ttl / 1000)
-            elif cost:
-                ops.incr(key, cost)
-                ops.expire(key, ttl / 1000)
-    out = [0 if refused else 1, refused, reset_ms, chosen, now]
-    for group, _kind, _key, limit, cost, used, reset, _ttl in states:
-        if group == 0:
-            out += [max(0, limit - used - (0 if refused else cost)), reset]
+            if s.kind == LEASE:
+                leases = orjson.loads(ops.get(s.key) or b"{}")
+                leases[member] = now + s.ttl
+                ops.set(s.key, orjson.dumps(leases), s.ttl / 1000)
+            elif s.cost:
+                ops.incr(s.key, s.cost)
+                ops.pexpireat(s.key, now + s.ttl)
+    out = [0 if refused else 1, refused, states[refused - 1].wait if refused else 0, chosen, now]
+    for s in states:
+        if s.group == 0:
+            out.append(max(0, s.limit - s.used - (0 if refused else s.cost)))
+            out.append(s.wait if s.wait is not None else _reset(ops, s, now, not refused))
     return out
-
-
-def _decide(states: list[tuple[Any, ...]], alternatives: int, free: int) -> tuple[int, int, int]:
-    """(1-based index of the refusing limit or 0, its ms to reset, the chosen alternative or 0)."""
-    fits = [state[5] + state[4] <= state[3] for state in states]
-    for index, state in enumerate(states):
-        if state[0] == 0 and not fits[index]:
-            return index + 1, state[6], 0
-    if not alternatives:
-        return 0, 0, 0
-    full = {state[0] for index, state in enumerate(states) if state[0] and not fits[index]}
-    for group in range(1, alternatives + 1):
-        if group not in full:
-            return 0, 0, group
-    if free:
-        return 0, 0, 0
-    # Every deployment is over its quota: report the one that frees soonest.
-    waits = [(state[6], index + 1) for index, state in enumerate(states) if state[0] and not fits[index]]
-    reset, index = min(waits)
-    return index, reset, 0
 
 
 # KEYS[1]: PREFIX. ARGV: lease member, number of alternatives (deployments with quotas, in
@@ -216,8 +280,8 @@ def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
             if leases.pop(args[i + 2].decode(), None) is not None:
                 ttl = ops.ttl(key)
                 ops.set(key, orjson.dumps(leases), ttl) if leases and ttl else ops.delete(key)
-        elif ops.get(key) is not None and ops.incr(key, int(args[i + 2])) < 0:
-            ops.set(key, b"0", ops.ttl(key))
+        elif ops.get(key) is not None and (value := ops.incr(key, int(args[i + 2]))) < 0:
+            ops.incr(key, -value)  # back to 0, its expiry (the last charge's record) kept
     return 1
 
 
@@ -225,6 +289,22 @@ def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
 # a lease; ("c", counter name with its bucket or window number, delta) corrects what admission
 # charged. A counter whose window has expired is left alone; none goes below zero.
 SETTLE = Script("gateway.rate_settle", lua_source("gateway.limits", "settle.lua"), _settle_local)
+
+
+def _reconcile_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
+    for i in range(0, len(args), 3):
+        key = f"{keys[0]}:{args[i].decode()}"
+        value = ops.incr(key, int(args[i + 1]))
+        if ops.ttl(key) is None:
+            ops.expire(key, int(args[i + 2]) / 1000)
+        if value < 0:
+            ops.incr(key, -value)
+    return 1
+
+
+# KEYS[1]: PREFIX. ARGV: triples (budget counter name with its window number, nano-USD, ms the
+# counter lives should this create it): spend admitted while the store was unreachable.
+RECONCILE = Script("gateway.rate_reconcile", lua_source("gateway.limits", "reconcile.lua"), _reconcile_local)
 
 
 def estimate(body: Mapping[str, Any], default: int = DEFAULT_COMPLETION_TOKENS) -> tuple[int, int]:

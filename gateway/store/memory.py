@@ -134,6 +134,20 @@ class Keyspace:
         else:
             self._set_deadline(key, self._clock() + ttl_s)
 
+    def pexpireat(self, key: str, at_ms: int) -> None:
+        if self._live(key) is None:
+            return
+        if at_ms <= self._clock() * 1000:
+            self._drop(key)  # as PEXPIREAT with a time already past
+        else:
+            self._set_deadline(key, at_ms / 1000)
+
+    def pexpiretime(self, key: str) -> int:
+        if self._live(key) is None:
+            return -2
+        deadline = self._deadlines.get(key)
+        return -1 if deadline is None else round(deadline * 1000)
+
     def ttl(self, key: str) -> float | None:
         if self._live(key) is None:
             return None

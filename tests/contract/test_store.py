@@ -49,6 +49,33 @@ def _fail(ops: LocalOps, keys: list[str], args: list[bytes]) -> None:
 
 FAILING = Script("test.failing", "return redis.error_reply('boom')", _fail)
 
+def _expiry_times_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]:
+    at = int(ops.time() * 1000) + 60_000
+    ops.set(keys[0], b"v")
+    ops.set(keys[1], b"v")
+    ops.set(keys[2], b"v")
+    ops.pexpireat(keys[0], at)
+    ops.pexpireat(keys[2], at - 120_000)  # a time already past deletes the key
+    ops.pexpireat("missing", at)
+    return [at, *(ops.pexpiretime(key) for key in (*keys, "missing"))]
+
+
+EXPIRY_TIMES = Script(
+    "test.expiry_times",
+    """
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 60000
+for _, key in ipairs(KEYS) do redis.call('SET', key, 'v') end
+redis.call('PEXPIREAT', KEYS[1], at)
+redis.call('PEXPIREAT', KEYS[3], at - 120000)
+redis.call('PEXPIREAT', 'missing', at)
+local out = {at}
+for _, key in ipairs({KEYS[1], KEYS[2], KEYS[3], 'missing'}) do out[#out + 1] = redis.call('PEXPIRETIME', key) end
+return out
+""",
+    _expiry_times_local,
+)
+
 GET = Script("test.get", "return redis.call('GET', KEYS[1])", lambda ops, keys, args: ops.get(keys[0]))
 
 
@@ -187,6 +214,10 @@ class TestScripts:
     async def test_script_error_is_store_error(self, store: Store) -> None:
         with pytest.raises(StoreError, match="boom"):
             await store.run(FAILING, [], [])
+
+    async def test_expiry_set_and_read_in_absolute_milliseconds(self, store: Store) -> None:
+        at, *times = await store.run(EXPIRY_TIMES, ["at", "plain", "past"], [])
+        assert times == [at, -1, -2, -2]  # exact to the ms; no expiry; deleted; never created
 
     async def test_register_then_run(self, store: Store) -> None:
         await store.register(CAPPED_INCR, ECHO)

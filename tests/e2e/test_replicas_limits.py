@@ -7,9 +7,12 @@ import time
 from typing import Any
 
 import httpx
+import openai
 import pytest
+import redis
 
-from tests.e2e.conftest import TEAM_A_KEY, default_config
+from gateway.limits.specs import PREFIX, month_number
+from tests.e2e.conftest import TEAM_A_KEY, TEAM_B_KEY, default_config
 from tests.mock_openai import MockOpenAI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -57,7 +60,35 @@ def test_headers_count_down_across_replicas_and_rpd(
             answers.append(c.post("/v1/chat/completions", json=BODY))
     assert [r.headers.get("x-ratelimit-remaining-requests") for r in answers] == ["3", "2", "1", "0", "0"]
     assert answers[4].status_code == 429 and "requests per day (rpd)" in answers[4].json()["error"]["message"]
-    assert int(answers[4].headers["retry-after"]) > 3600  # a day's window: hours, not seconds
+    # The first request leaves a day after it (its bucket's last charge): hours on, and never
+    # more than the day.
+    assert 86_400 - 60 < int(answers[4].headers["retry-after"]) <= 86_400
+
+
+def test_retry_after_is_when_the_retry_is_admitted_on_the_real_clock(
+    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str
+) -> None:
+    """The one test that waits (about a minute): Redis's clock, the gateway, the OpenAI SDK."""
+    gw = gateway_factory(limited(mock_upstream, redis_url, rpm=2))
+    client = gw.client()  # no retries of its own
+    messages = [{"role": "user", "content": "x"}]
+
+    def chat() -> Any:
+        return client.chat.completions.with_raw_response.create(model="gpt-mini", messages=messages)
+
+    chat(), chat()
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat()
+    received = time.monotonic()
+    headers = refused.value.response.headers
+    true_ms, advertised = int(headers["retry-after-ms"]), int(headers["retry-after"])
+    assert 58_000 < true_ms <= 60_000 and advertised == -(-true_ms // 1000)  # rounded up, at most 60
+    time.sleep(max(0.0, received + true_ms / 1000 - 1 - time.monotonic()))
+    with pytest.raises(openai.RateLimitError) as early:  # one second short of the true time
+        chat()
+    assert 0 < int(early.value.response.headers["retry-after-ms"]) <= 1000
+    time.sleep(max(0.0, received + advertised - time.monotonic()))
+    assert chat().http_response.status_code == 200  # the advertised wait was enough
 
 
 def test_tpm_reserves_the_estimate_and_reconciles_on_the_other_replica(
@@ -162,3 +193,58 @@ def test_redis_killed_mid_run(
     time.sleep(0.3)
     after = [r.status_code for r in post_over((a, b), [BODY] * 8, workers=4)]
     assert after.count(200) == 5 and after.count(429) == 3  # exact again at once: a fresh window
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_budgets_while_redis_is_down_then_restarted(
+    gateway_factory: Any, mock_upstream: MockOpenAI, spawn_redis: Any, policy: str
+) -> None:
+    server = spawn_redis()
+    config = limited(mock_upstream, server.url, budget_usd=0.001)
+    config["models"][0]["price"] = {"input_per_mtok": 10, "output_per_mtok": 10}  # 10,000 nano-USD a token
+    config["store"] = {"url": server.url, "timeout_s": 0.5, "outage": {"budgets": policy}}
+    a, b = gateway_factory(config), gateway_factory(config)
+    asked = {**BODY, "max_tokens": 8}  # an estimate of 15 tokens: $0.00015
+
+    def chat(gw: Any, key: str = TEAM_A_KEY) -> httpx.Response:
+        with gw.http(api_key=key, timeout=10) as c:
+            return c.post("/v1/chat/completions", json=asked)
+
+    def cost(r: httpx.Response) -> int:
+        return int(r.json()["usage"]["total_tokens"]) * 10_000
+
+    def to_reconcile(gw: Any) -> float:
+        with gw.http() as c:
+            return float(c.get("/health/store").json()["budget_usd_to_reconcile"])
+
+    assert [chat(a).status_code, chat(b).status_code] == [200, 200]  # each replica saw the store's spend
+    server.stop()
+    if policy == "closed":
+        refused = [chat(gw) for gw in (a, b)]
+        assert [r.status_code for r in refused] == [503, 503]
+        assert refused[0].json()["error"]["code"] == "budget_unavailable"
+        assert chat(a, TEAM_B_KEY).status_code == 200  # a key without a budget is served
+        server.start()
+        assert [chat(a).status_code, chat(b).status_code] == [200, 200]
+        return
+    owed = {}
+    for gw in (a, b):  # each replica spends what was left, on its own count
+        answers = []
+        while len(answers) < 100 and (not answers or answers[-1].status_code == 200):
+            answers.append(chat(gw))
+        assert len(answers) > 2 and answers[-1].status_code == 429
+        assert answers[-1].json()["error"]["type"] == "insufficient_quota"
+        owed[gw.port] = sum(cost(r) for r in answers if r.status_code == 200)
+        assert to_reconcile(gw) == pytest.approx(owed[gw.port] / 1e9)
+    server.start()  # empty: what was spent before the outage is gone with it
+    first = chat(a)  # writes a's outage spend, then is admitted (or not) against it
+    second = chat(b)  # writes b's: together they are over the budget
+    assert second.status_code == 429 and second.json()["error"]["type"] == "insufficient_quota"
+    expected = sum(owed.values()) + (cost(first) if first.status_code == 200 else 0)
+    key = f"{PREFIX}:k:cfg-team-a:usd:{month_number(int(time.time() * 1000))[0]}"
+    with redis.Redis.from_url(server.url) as client:
+        deadline = time.monotonic() + 5
+        while int(client.get(key) or 0) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first answer's real cost is settled just after it went out
+        assert int(client.get(key) or 0) == expected
+    assert [to_reconcile(a), to_reconcile(b)] == [0, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import anyio
@@ -37,9 +38,11 @@ async def test_rpm_counts_down_then_429_with_retry_after(gw: Any, mock: MockOpen
             assert r.headers["x-ratelimit-limit-tokens"] == "100000"
         assert remaining == ["2", "1", "0"]
         r = await c.chat()
-    # The first request's bucket leaves the span a window after that bucket ends: about 60-63 s on.
-    assert r.status_code == 429 and int(r.headers["retry-after"]) in (60, 61, 62, 63)
-    assert 59_000 < int(r.headers["retry-after-ms"]) <= 63_000  # (the test takes well under 1 s)
+    # The first request leaves the window a minute after its bucket's last charge: the third's,
+    # a moment ago. Never more than the window, rounded up to whole seconds only in Retry-After.
+    wait_ms = int(r.headers["retry-after-ms"])
+    assert r.status_code == 429 and 59_000 < wait_ms <= 60_000  # (the test takes well under 1 s)
+    assert r.headers["retry-after"] == "60" and r.headers["x-ratelimit-reset-requests"] == f"{wait_ms / 1000:.3f}s"
     err = r.json()["error"]
     assert err["code"] == "rate_limit_exceeded" and "requests per minute (rpm)" in err["message"]
     assert len(mock.requests) == 3  # the refused request never reached upstream
@@ -63,6 +66,9 @@ async def test_over_the_token_limit_is_refused_before_upstream(gw: Any, mock: Mo
     async with Client(gw, KEY_B) as c:
         r = await c.chat(max_tokens=1000)
     assert r.status_code == 429 and "tokens per minute (tpm)" in r.json()["error"]["message"]
+    assert "more than the limit of 400 tokens" in r.json()["error"]["message"]
+    assert "retry-after" not in r.headers and r.headers["x-should-retry"] == "false"  # it never fits
+    assert r.headers["x-ratelimit-reset-tokens"] == "0.000s"  # nothing counted: the window is empty
     assert mock.requests == []
 
 
@@ -105,7 +111,8 @@ async def test_a_deployment_over_its_quota_is_skipped_then_every_one_full_is_429
     ]
     error = answers[3].json()["error"]
     assert error["code"] == "deployment_quota_exceeded" and "`quota`" in error["message"]
-    assert int(answers[3].headers["retry-after"]) in (60, 61, 62, 63)  # the window + what is left of a bucket
+    assert answers[3].headers["retry-after"] == "60"  # east's first request leaves in under a minute
+    assert 59_000 < int(answers[3].headers["retry-after-ms"]) <= 60_000
     assert [r.json()["model"] for r in mock.requests] == ["mock-east", "mock-east", "mock-west"]
 
 
@@ -158,13 +165,24 @@ async def test_budget_reserves_the_estimate_then_charges_the_real_cost(
     app = limited(config_text, QUOTA_MODEL, key_a="limits: {budget_usd: 40},")
     async with app.lifespan(None), Client(app) as c:  # type: ignore[arg-type]
         answers = [await c.chat(model="quota", max_tokens=10) for _ in range(3)]
+        spent = sum(r.json()["usage"]["total_tokens"] for r in answers)
+        # The estimate (~5 prompt tokens + max_tokens) no longer fits what is left of the $40.
+        over = await c.chat(model="quota", max_tokens=40 - spent)
         too_big = await c.chat(model="quota", max_tokens=1000)
     assert [r.status_code for r in answers] == [200, 200, 200]  # 3 x 15 > 40: the real costs were settled
-    spent = sum(r.json()["usage"]["total_tokens"] for r in answers)
     assert spent < 40
-    assert too_big.status_code == 429
+    assert over.status_code == 429
+    error = over.json()["error"]
+    assert error["type"] == "insufficient_quota" and "Budget of $40 reached" in error["message"]
+    # A retry is let in when the UTC month rolls over: that is its Retry-After, however far.
+    now = datetime.datetime.now(datetime.UTC)
+    following = datetime.datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=datetime.UTC)
+    assert abs(int(over.headers["retry-after"]) - (following - now).total_seconds()) < 5
+    # $1010 alone is over the $40 budget: no wait would let it in, so no Retry-After.
+    assert too_big.status_code == 429 and "retry-after" not in too_big.headers
+    assert too_big.headers["x-should-retry"] == "false"  # the OpenAI SDKs' own header: do not retry
     error = too_big.json()["error"]
-    assert error["type"] == "insufficient_quota" and "Budget of $40" in error["message"]
+    assert error["type"] == "insufficient_quota" and "needs $1010, more than the limit of $40" in error["message"]
 
 
 async def test_concurrency_cap_and_release_on_completion_and_disconnect(
@@ -184,6 +202,7 @@ async def test_concurrency_cap_and_release_on_completion_and_disconnect(
             await anyio.sleep(0.15)
             refused = await c.chat()
         assert refused.status_code == 429 and "concurrent requests" in refused.json()["error"]["message"]
+        assert refused.headers["retry-after"] == "1"  # a slot frees when one ends: a hint to poll
         assert [r.status_code for r in slow] == [200, 200]
         # A client that goes away mid-request gives its slot back.
         hang = mock.behave(model="mock-gpt-upstream", hang=True, times=1)
@@ -207,7 +226,8 @@ async def test_limits_fail_open_on_this_replicas_counts_or_closed(config_text: s
         report = (await c.get("/health/store")).json()
     assert r.status_code == 503 and r.json()["error"]["code"] == "limits_unavailable"
     assert report["decided_without_store"] == {"limits": 4, "cache": 0}
-    assert report["outage_policy"] == {"limits": "open", "cache": "open"} and report["reachable"] is True
+    assert report["outage_policy"] == {"limits": "open", "cache": "open", "budgets": "closed"}
+    assert report["reachable"] is True
 
 
 async def test_completion_estimate_is_per_model(config_text: str, mock: MockOpenAI) -> None:

@@ -55,6 +55,7 @@ def test_defaults_when_sections_absent() -> None:
     assert config == Config()
     assert config.server.port == 8080 and config.store.url == "memory://"
     assert (config.router.retries, config.router.failover, config.router.heartbeat_s) == (1, True, 5.0)
+    assert config.store.outage.budgets == "closed"  # unchecked spend is money: 503 unless chosen
 
 
 def test_retries_and_failover_per_model_override_the_router() -> None:
@@ -97,6 +98,7 @@ def test_unknown_field_names_path() -> None:
         ("retries: 2", "retries: 2, heartbeat_s: -1", "router.heartbeat_s"),
         ("  - name: gpt-mini\n", "  - name: gpt-mini\n    retries: -1\n", "models[0].retries"),
         ("  - name: gpt-mini\n", "  - name: gpt-mini\n    failover: maybe\n", "models[0].failover"),
+        ('url: "memory://"}', 'url: "memory://", outage: {budgets: maybe}}', "store.outage.budgets"),
     ],
 )
 def test_bad_values_name_the_path(old: str, new: str, path: str) -> None:

@@ -20,6 +20,11 @@ local function month(ms)
 end
 
 local member, alternatives, free = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+-- When the usage in bucket j of sliding limit s leaves the window: a window after the bucket's
+-- last charge, which the counter's expiry records (every charge sets it to that instant + ttl).
+local function leaves(s, j)
+  return redis.call('PEXPIRETIME', s.names[j]) - s.ttl + s.window
+end
 local states = {}
 for i = 4, #ARGV, 3 do
   local kind, limit, window, bucket, name = string.match(ARGV[i + 1], '^(%a)|(%d+)|(%d+)|(%d+)|(.*)$')
@@ -40,13 +45,13 @@ for i = 4, #ARGV, 3 do
       counts[j] = tonumber(counts[j]) or 0
       s.used = s.used + counts[j]
     end
-    local need, freed = math.max(s.used + s.cost - s.limit, 1), 0
-    s.key, s.reset, s.ttl = base .. ':' .. number, window + bucket, window + 2 * bucket
-    for j = 1, #counts do
-      freed = freed + counts[j]
-      if counts[j] > 0 and freed >= need then
-        s.reset = (number + j) * bucket - now
-        break
+    s.key, s.ttl, s.window, s.names, s.counts = base .. ':' .. number, window + 2 * bucket, window, names, counts
+    -- The oldest bucket straddles the window's start: whether its usage has left is read only
+    -- where it matters (the remaining a key is told; a deployment that is otherwise full).
+    if counts[1] > 0 and (s.group == 0 or s.used + s.cost > s.limit) then
+      s.first = leaves(s, 1)
+      if s.first <= now then
+        s.used, counts[1] = s.used - counts[1], 0
       end
     end
   else
@@ -65,11 +70,35 @@ for i = 4, #ARGV, 3 do
   states[#states + 1] = s
 end
 
-local refused, reset, chosen = 0, 0, 0
-for i, s in ipairs(states) do
-  if s.group == 0 and not s.fits then refused, reset = i, s.reset; break end
+-- ms until s lets the request in, no one else admitted meanwhile (when it fits: until the first
+-- of its counted usage leaves; when it never can: until all of it has left).
+local function reset(s, charged)
+  if s.kind ~= 's' then return s.reset end
+  local need = s.fits and 1 or s.used + s.cost - s.limit
+  if need > s.used then need = s.used end
+  if need == 0 then return (charged and s.cost > 0) and s.window or 0 end
+  local freed = 0
+  for j = 1, #s.counts do
+    freed = freed + s.counts[j]
+    if s.counts[j] > 0 and freed >= need then return (j == 1 and s.first or leaves(s, j)) - now end
+  end
 end
-if refused == 0 and alternatives > 0 then
+-- Whether a holds the request back longer than b: a limit it can never fit, else the later wait.
+local function later(a, b)
+  local never_a, never_b = a.cost > a.limit, b.cost > b.limit
+  if never_a ~= never_b then return never_a end
+  return a.wait > b.wait
+end
+
+-- A refusal reports the limit that frees last: a retry at its reset is let in by every one.
+local refused, chosen = 0, 0
+for i, s in ipairs(states) do
+  if s.group == 0 and not s.fits then
+    s.wait = reset(s, false)
+    if refused == 0 or later(s, states[refused]) then refused = i end
+  end
+end
+if alternatives > 0 then
   local full = {}
   for _, s in ipairs(states) do
     if s.group > 0 and not s.fits then full[s.group] = true end
@@ -78,10 +107,21 @@ if refused == 0 and alternatives > 0 then
     if not full[g] then chosen = g; break end
   end
   if chosen == 0 and free == 0 then
+    -- Every deployment is over its quota: the one that frees soonest (when its last limit does).
+    local worst = {}
     for i, s in ipairs(states) do
-      if s.group > 0 and not s.fits and (refused == 0 or s.reset < reset) then refused, reset = i, s.reset end
+      if s.group > 0 and not s.fits then
+        s.wait = reset(s, false)
+        if not worst[s.group] or later(s, states[worst[s.group]]) then worst[s.group] = i end
+      end
     end
+    local soonest = worst[1]
+    for g = 2, alternatives do
+      if later(states[soonest], states[worst[g]]) then soonest = worst[g] end
+    end
+    if refused == 0 or later(states[soonest], states[refused]) then refused = soonest end
   end
+  if refused > 0 then chosen = 0 end
 end
 
 if refused == 0 then
@@ -92,18 +132,18 @@ if refused == 0 then
         redis.call('PEXPIRE', s.key, s.ttl)
       elseif s.cost > 0 then
         redis.call('INCRBY', s.key, s.cost)
-        redis.call('PEXPIRE', s.key, s.ttl)
+        redis.call('PEXPIREAT', s.key, now + s.ttl)
       end
     end
   end
 end
 
-local out = {refused == 0 and 1 or 0, refused, reset, chosen, now}
+local out = {refused == 0 and 1 or 0, refused, refused > 0 and states[refused].wait or 0, chosen, now}
 for _, s in ipairs(states) do
   if s.group == 0 then
     local cost = refused == 0 and s.cost or 0
     out[#out + 1] = math.max(0, s.limit - s.used - cost)
-    out[#out + 1] = s.reset
+    out[#out + 1] = s.wait or reset(s, refused == 0)
   end
 end
 return out
