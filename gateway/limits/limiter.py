@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from gateway.config import Limits
 from gateway.context import Admission, Lookup, RequestContext
-from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.outage import Ledger, Local
 from gateway.limits.specs import (
     ADMIT,
@@ -177,8 +177,9 @@ class Limiter:
     def _amount(self, spec: Spec, admission: Admission) -> int:
         return admission.tokens if spec.counts == TOKENS else admission.cost if spec.counts == COST else 1
 
-    async def charge(self, ctx: RequestContext, route: Route) -> bool:
-        """Pay `route`'s quota for another attempt; False when it has no room (try the next one)."""
+    async def charge(self, ctx: RequestContext, route: Route) -> GatewayError | None:
+        """Pay `route`'s quota for another attempt: None when paid, else the refusal (its Retry-After
+        when that deployment has room again), and the caller tries the next one."""
         if ctx.admission is None:
             ctx.admission = Admission("", 0, 0)
         admission = ctx.admission
@@ -191,12 +192,18 @@ class Limiter:
             reply = await self.store.run(ADMIT, [PREFIX], args)
         except StoreError as exc:
             self._log_outage(exc)
-            return self.outage == "open"
+            if self.outage == "open":
+                return None
+            return ServiceUnavailable(
+                "Deployment quotas cannot be checked right now (store unreachable); try again shortly.",
+                code="limits_unavailable",
+            )
         if not int(reply[0]):
-            return False
+            spec = route.quota[int(reply[1]) - 1]
+            return _refusal(spec, int(reply[2]), True, ctx.model, self._amount(spec, admission))
         now = int(reply[4])
         admission.charges += [(s, now, self._amount(s, admission), route) for s in route.quota]
-        return True
+        return None
 
     async def settle(self, ctx: RequestContext) -> None:
         """Correct the estimates to what the answer used and release the lease."""

@@ -30,7 +30,6 @@ from gateway.errors import (
     GatewayError,
     NotFound,
     PermissionDenied,
-    RateLimited,
     ServiceUnavailable,
     UnsupportedOperation,
     UpstreamError,
@@ -56,7 +55,7 @@ _RELAYED = frozenset({b"content-type", b"content-length", b"openai-processing-ms
 class Quotas(Protocol):
     """Pays a deployment's quota before a failover tries it (`gateway.limits.limiter.Limiter`)."""
 
-    async def charge(self, ctx: RequestContext, route: Route) -> bool: ...
+    async def charge(self, ctx: RequestContext, route: Route) -> GatewayError | None: ...
 
 
 class Accounting(Protocol):
@@ -178,15 +177,10 @@ class Forward:
             if route.quota:
                 if admission is not None and admission.prepaid is route:
                     admission.prepaid = None  # paid by the admission, for this first attempt
-                elif not await self.limiter.charge(ctx, route):
+                elif (refused := await self.limiter.charge(ctx, route)) is not None:
                     skip.add(route)
-                    if attempts:
-                        continue  # the failure already met is the answer
-                    last = RateLimited(
-                        f"Every deployment of model `{ctx.model}` is at its quota; try again shortly.",
-                        code="deployment_quota_exceeded",
-                        headers=[(b"retry-after", b"1")],
-                    )
+                    if not attempts:  # else the failure already met is the answer
+                        last = refused
                     continue
                 admission = ctx.admission
             attempts += 1

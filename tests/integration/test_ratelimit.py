@@ -9,6 +9,8 @@ import anyio
 import pytest
 
 from gateway import build_app, parse
+from gateway.context import RequestContext
+from gateway.errors import RateLimited
 from gateway.store import StoreError
 from tests.integration.conftest import KEY_A, KEY_B, Client
 from tests.mock_openai import MockOpenAI
@@ -285,3 +287,19 @@ async def test_a_cacheable_miss_with_limits_and_a_quota_makes_one_store_round_tr
         hit = await c.chat(model="quota", temperature=0)
     assert hit.headers["x-cache"] == "hit" and "upstream" not in trips
     assert trips[0] == "run_many"
+
+
+async def test_a_failovers_quota_refusal_says_when_that_deployment_has_room(
+    config_text: str, mock: MockOpenAI
+) -> None:
+    app = limited(config_text, QUOTA_MODEL)
+    async with app.lifespan(None):  # type: ignore[arg-type]
+        limiter, west = app.snapshot.limiter, app.snapshot.routes["quota"].routes[1]  # rpm 1
+        ctx = RequestContext(b"req_charge", 0.0)
+        ctx.model, ctx.body = "quota", {"model": "quota", "messages": [{"role": "user", "content": "hi"}]}
+        assert await limiter.charge(ctx, west) is None
+        refused = await limiter.charge(ctx, west)
+    assert isinstance(refused, RateLimited) and refused.code == "deployment_quota_exceeded"
+    headers = dict(refused.headers)
+    assert 55 <= int(headers[b"retry-after"]) <= 60  # a minute after the charge, not a polling guess
+    assert 0 < int(headers[b"retry-after-ms"]) <= 60_000
