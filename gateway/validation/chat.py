@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: the request schema (OpenAI's Chat Completions reference).
 
 Messages are a tagged union on `role`, content parts on `type`, tools and tool calls
-on `type`: an unknown role or part type is refused with the field's path
-(`messages[0].role`). Each role takes the content every role may carry in some
+on `type`: an unknown role is refused with the field's path (`messages[0].role`); a
+part of a type OpenAI does not document (vLLM's `video_url`) is another provider's
+and passes unchecked (`validate.py`). Each role takes the content every role may carry in some
 provider (a text, or an array of text/image_url/input_audio/file/refusal parts):
 which role may carry which part is the upstream's rule, since providers differ
 (an image inside a tool result is valid for Anthropic, not for OpenAI).
@@ -67,6 +68,7 @@ class RefusalPart(Part, tag="refusal"):
 
 
 AnyPart = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
+PART_TYPES = frozenset(str(p.__struct_config__.tag) for p in AnyPart.__args__)  # type: ignore[attr-defined]
 Content = str | Annotated[list[AnyPart], Meta(min_length=1)]
 # An assistant turn may carry no content (a call); some clients say so with [] rather than null.
 AssistantContent = str | list[AnyPart]

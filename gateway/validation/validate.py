@@ -21,7 +21,7 @@ import msgspec.inspect as mi
 
 from gateway.errors import InvalidRequest
 from gateway.providers import Operation
-from gateway.validation.chat import ChatRequest
+from gateway.validation.chat import PART_TYPES, ChatRequest
 from gateway.validation.endpoints import CompletionRequest, EmbeddingRequest, ImageRequest
 from gateway.validation.fields import Schema
 
@@ -42,6 +42,9 @@ def validate(body: dict[str, Any], op: Operation) -> None:
     try:
         request = _CONVERT[op](body)
     except msgspec.ValidationError as exc:
+        if op is Operation.chat and (known := _known_parts(body)) is not body:
+            validate(known, op)  # the rest of the request still has to be valid
+            return
         raise refusal(str(exc), body, op) from None
     if getattr(request, "stream_options", None) is not None and request.stream is not True:
         raise InvalidRequest(
@@ -55,6 +58,33 @@ def validate(body: dict[str, Any], op: Operation) -> None:
             param="best_of",
             code="invalid_value",
         )
+
+
+def _known_parts(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with every content part of a type OpenAI does not document (a vLLM `video_url`, a
+    provider's new kind) replaced by an empty text part, or `body` itself when there is none.
+
+    Providers add part types as they add fields; the schema cannot say "any other tag", so only a
+    refused request pays this second look."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return body
+    changed = False
+    checked = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts = [{"type": "text", "text": ""} if _foreign(p) else p for p in content]
+            if parts != content:
+                changed = True
+                message = {**message, "content": parts}
+        checked.append(message)
+    return {**body, "messages": checked} if changed else body
+
+
+def _foreign(part: Any) -> bool:
+    kind = part.get("type") if isinstance(part, dict) else None
+    return isinstance(kind, str) and bool(kind) and kind not in PART_TYPES
 
 
 # -- msgspec's wording -> OpenAI's -------------------------------------------------------------------

@@ -138,8 +138,10 @@ def test_valid_bodies_pass_untouched(body: dict[str, Any]) -> None:
         ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]", "invalid_type"),
         ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0].type",
          "missing_required_parameter"),
-        ({"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
-         "messages[0].content[0].type", "invalid_value"),
+        ({"messages": [{"role": "user", "content": [{"type": ""}]}]}, "messages[0].content[0].type",
+         "invalid_value"),
+        ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}, {"role": "x"}]},
+         "messages[1].role", "invalid_value"),  # a foreign part passes, the rest is still checked
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text",
          "missing_required_parameter"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
@@ -245,6 +247,21 @@ def test_invalid_field_is_refused_with_its_path(fields: dict[str, Any], param: s
     error = refused(chat(**fields))
     assert (error.param, error.code) == (param, code), error.message
     assert f"'{param}'" in error.message
+
+
+def test_parts_of_types_openai_does_not_document_pass_unchecked() -> None:
+    # vLLM's video and audio URLs, or a provider's new kind: theirs to judge, as unknown fields are.
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what happens?"},
+                                         {"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}]},
+            {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "https://x/a.wav"}}]},
+        ],
+    }
+    before = copy.deepcopy(body)
+    validate(body, Operation.chat)
+    assert body == before  # checked on a copy; forwarded as sent
 
 
 def test_messages_is_required() -> None:
