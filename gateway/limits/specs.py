@@ -309,13 +309,14 @@ RECONCILE = Script("gateway.rate_reconcile", lua_source("gateway.limits", "recon
 
 def estimate(body: Mapping[str, Any], default: int = DEFAULT_COMPLETION_TOKENS) -> tuple[int, int]:
     """(prompt, completion) tokens: prompt characters / 4, a fast stand-in for a tokenizer, and the
-    completion tokens asked for (or `default`)."""
+    completion tokens asked for (or `default`) for each choice generated (`n`, or `best_of`)."""
     prompt = body.get("messages") or body.get("prompt") or body.get("input") or ""
     chars = len(prompt) if isinstance(prompt, str) else len(orjson.dumps(prompt))
     completion = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(completion, int) or completion < 0:
         completion = default
-    return chars // 4, completion
+    choices = max([c for c in (body.get("n"), body.get("best_of")) if isinstance(c, int)] or [1])
+    return chars // 4, completion * max(choices, 1)
 
 
 _PROCESS = os.urandom(4).hex()

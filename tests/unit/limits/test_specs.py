@@ -19,6 +19,7 @@ from gateway.limits.specs import (
     SLIDING,
     TOKENS,
     Spec,
+    estimate,
 )
 from gateway.store import MemoryStore
 
@@ -80,3 +81,13 @@ async def test_a_refused_request_is_let_in_at_its_reset_and_not_a_millisecond_be
     for i, (t, _) in enumerate(admitted):
         end = bisect.bisect_left(times, t + spec.window_ms)
         assert sum(amount for _, amount in admitted[i:end]) <= spec.limit
+
+
+def test_the_estimate_reserves_every_choice_asked_for() -> None:
+    body = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 100}
+    prompt, one = estimate(body)
+    assert one == 100 and prompt > 0
+    assert estimate({**body, "n": 4}) == (prompt, 400)
+    assert estimate({"prompt": "hi", "max_tokens": 10, "n": 2, "best_of": 5}) == (0, 50)  # best_of are generated
+    assert estimate({"prompt": "hi", "n": 3}, default=7) == (0, 21)
+    assert estimate({"prompt": "hi", "max_tokens": 10, "n": None}) == (0, 10)
