@@ -490,7 +490,13 @@ def test_capabilities_cohere_lacks_are_400(client: openai.OpenAI, cohere_mock: M
         ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         (
-            {"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
+            {
+                "tools": [WEATHER],
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "x"}}]},
+                },
+            },
             "tool_choice",
         ),
         ({"parallel_tool_calls": False, "tools": [WEATHER]}, "parallel_tool_calls"),
