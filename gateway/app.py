@@ -3,6 +3,8 @@
     AccessLog -> RequestId -> [CORS] -> Auth -> Body -> HotRoutes -> Forward   (POST /v1/<operation>)
                                                               -> Starlette   (/v1/models, /admin, health)
 
+AccessLog also records each request's metrics; GET /metrics is a Starlette route (or on its own port).
+
 The few hot routes are dispatched by one dict lookup before any general
 router; Starlette serves the rest and runs the lifespan (pools, store).
 """
@@ -45,7 +47,11 @@ from gateway.store import Store, StoreError, Subscription, store_from_url
 from gateway.tasks import Background
 from gateway.telemetry import logs
 from gateway.telemetry.access_log import AccessLogMiddleware
+from gateway.telemetry.exposition import MetricsEndpoint
+from gateway.telemetry.metrics import OPERATIONS, Metrics
 from gateway.telemetry.request_id import RequestIdMiddleware
+from gateway.telemetry.scrape import MetricsService, deployments
+from gateway.telemetry.workers import ENV as METRICS_DIR
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
 from gateway.validation.middleware import BodyMiddleware
@@ -85,7 +91,7 @@ class Snapshot:
     A reload builds a new one, reusing the store and the pools whose config did not change.
     """
 
-    def __init__(self, config: Config, previous: Snapshot | None = None) -> None:
+    def __init__(self, config: Config, metrics: MetricsService, previous: Snapshot | None = None) -> None:
         self.config = config
         self.created = int(time.time())
         self.inflight = 0  # requests being served by this snapshot
@@ -177,6 +183,17 @@ class Snapshot:
             StarletteRoute("/v1/models", self.list_models),
             StarletteRoute("/v1/models/{model:path}", self.get_model),
         ]
+        m = config.metrics
+        if m.enabled:
+            metrics.metrics.configure(
+                key_names=m.key_names,
+                max_key_names=m.max_key_names,
+                aliases=aliases,
+                deployments=deployments(aliases),
+                prices=prices,
+            )
+            if m.port is None:
+                routes.append(StarletteRoute("/metrics", MetricsEndpoint(metrics.collect, self.metrics_key)))
         starlette = Starlette(
             routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
         )
@@ -222,7 +239,16 @@ class Snapshot:
                 max_age=cors.max_age_s,
             )
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
-        self.app = AccessLogMiddleware(app) if config.server.access_log else app
+        recorder = metrics.metrics if m.enabled else None
+        if config.server.access_log or recorder is not None:
+            app = AccessLogMiddleware(
+                app, access_log=config.server.access_log, metrics=recorder, operations=OPERATIONS
+            )
+        self.app = app
+
+    def metrics_key(self) -> str | None:
+        """The key GET /metrics needs, None when it is open (an empty admin key refuses everyone)."""
+        return self.config.auth.admin_key if self.config.metrics.auth == "admin" else None
 
     async def start(self) -> None:
         try:
@@ -335,7 +361,8 @@ class Gateway:
 
     def __init__(self, config: Config, path: str | None = None) -> None:
         self.path = path
-        self.snapshot = Snapshot(config)
+        self.metrics = MetricsService(Metrics(), lambda: self.snapshot, os.environ.get(METRICS_DIR))
+        self.snapshot = Snapshot(config, self.metrics)
         self.snapshot.admin.reloader = self.reload_everywhere
         self._background = Background()
         self._id = os.urandom(8).hex().encode()  # tells this process's own reload broadcasts apart
@@ -370,6 +397,10 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _: object = None) -> AsyncIterator[None]:
         await self.snapshot.start()
+        config = self.snapshot.config
+        if config.metrics.enabled:
+            # The port and the sharing are the start's: a reload changes neither.
+            await self.metrics.start(config.metrics, config.server.host, lambda: self.snapshot.metrics_key())
         await self._listen_for_reloads()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(RuntimeError):  # no signal handlers off the main thread
@@ -382,6 +413,7 @@ class Gateway:
             if self._reloads is not None:
                 await self._reloads.aclose()
             await self._background.wait()
+            await self.metrics.aclose()
             await self.snapshot.aclose()
 
     async def reload(self) -> list[str]:
@@ -393,7 +425,7 @@ class Gateway:
         except config_module.ConfigError as exc:
             return exc.problems
         old = self.snapshot
-        new = Snapshot(config, previous=old)
+        new = Snapshot(config, self.metrics, previous=old)
         new.admin.reloader = self.reload_everywhere
         await new.start()
         self.snapshot = new  # one assignment: every later request sees the new config

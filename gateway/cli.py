@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from gateway import config as config_module
 from gateway.admin import cli as admin_cli
+from gateway.telemetry.workers import ENV as METRICS_DIR
 
 
 def _load(path: str, *, warn: bool = True) -> config_module.Config | None:
@@ -46,19 +48,24 @@ def serve(args: argparse.Namespace) -> int:
         print("warning: with the memory store each worker keeps its own state; use Redis", file=sys.stderr)
     # Workers are separate processes: each rebuilds the app from the file via the factory.
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
-    uvicorn.run(
-        "gateway.app:app_from_env",
-        factory=True,
-        host=args.host or config.server.host,
-        port=config.server.port if args.port is None else args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=30,
-    )
+    with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as shared:
+        if args.workers > 1:
+            # Workers share their counts through files here, so a scrape sums them; new and empty each run.
+            os.environ[METRICS_DIR] = shared
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=args.host or config.server.host,
+            port=config.server.port if args.port is None else args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=30,
+        )
+        os.environ.pop(METRICS_DIR, None)  # the directory is gone with this block
     return 0
 
 

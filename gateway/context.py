@@ -51,17 +51,23 @@ class Lookup:
 class RequestContext:
     __slots__ = (
         "admission",
+        "attempts",
         "body",
         "cache",
+        "coalesced",
         "complete",
         "deployment",
         "extra_headers",
+        "first_byte",
+        "first_token",
         "identity",
         "lookup",
         "model",
         "operation",
+        "overhead",
         "plan",
         "policy",
+        "refused",
         "request_id",
         "responded",
         "started",
@@ -69,6 +75,7 @@ class RequestContext:
         "streamed",
         "tokens",
         "usage",
+        "without_store",
     )
 
     def __init__(self, request_id: bytes, started: float) -> None:
@@ -91,6 +98,14 @@ class RequestContext:
         self.plan: list[Route] | None = None  # the deployments to try, once resolved
         self.admission: Admission | None = None  # what the limits charged, to settle afterwards
         self.lookup: Lookup | None = None  # the cache lookup, planned before admission to share its trip
+        # For the metrics and the access log:
+        self.attempts: list[tuple[str, str]] = []  # (deployment, outcome) of each upstream attempt
+        self.overhead: float | None = None  # seconds in the gateway before the answer's head, upstream out
+        self.first_byte = 0.0  # perf_counter() when a stream's head went out
+        self.first_token = 0.0  # perf_counter() when a stream's first event went out
+        self.coalesced = False  # answered from another request's flight
+        self.refused = ""  # the limit that refused it: its spec label (rpm, tpm, rpd, usd, conc) or quota
+        self.without_store: tuple[str, ...] = ()  # concerns (limits, cache) that decided without the store
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers every response carries."""

@@ -148,6 +148,7 @@ class Limiter:
         ctx.extra_headers += _headers(required, [int(x) for x in reply[5:]])
         if not admitted:
             every = [*required, *(s for r in alternatives for s in r.quota)]
+            ctx.refused = "quota" if refused > len(required) else every[refused - 1].label
             raise _refusal(every[refused - 1], reset_ms, refused > len(required), ctx.model)
         admission.lease = next((s for s in required if s.kind == LEASE), None)
         admission.charges += [(s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE]
@@ -219,6 +220,7 @@ class Limiter:
         self, ctx: RequestContext, required: tuple[Spec, ...], admission: Admission, exc: StoreError
     ) -> Admission | None:
         self._log_outage(exc)
+        ctx.without_store += ("limits",)
         if self.outage == "closed":
             raise ServiceUnavailable(
                 "Rate limits cannot be checked right now (store unreachable); try again shortly.",
@@ -226,6 +228,7 @@ class Limiter:
             )
         refused = self._local.admit(required, admission)
         if refused is not None:
+            ctx.refused = refused.label
             raise _refusal(refused, 1000, False, ctx.model)
         admission.local = True
         return admission

@@ -187,6 +187,7 @@ class Forward:
             try:
                 payload = adapter.encode_body(op, ctx.body, route.target)
             except GatewayError as exc:
+                ctx.attempts.append((route.id, "invalid"))
                 if attempts == 1:
                     await ctx.send_error(send, exc)  # the client's request: no other deployment changes that
                     return
@@ -199,6 +200,7 @@ class Forward:
                 )
             except UpstreamError as exc:
                 log.warning("upstream %s failed: %s", route.id, exc.message)
+                ctx.attempts.append((route.id, "timeout" if isinstance(exc, UpstreamTimeout) else "error"))
                 self.breakers.note_error(route.id, exc.message)
                 self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
                 if isinstance(exc, UpstreamTimeout):
@@ -209,12 +211,14 @@ class Forward:
             route.observe(waited)
             try:
                 if response.status < 400:
+                    ctx.attempts.append((route.id, "ok"))
                     self.breakers.record(route.id, Outcome.SUCCESS, probe=probe)
                     await self.relay(ctx, route, response, send, waited, attempts)
                     return
                 failed = await self.read_error(route, response)
             finally:
                 await response.aclose()
+            ctx.attempts.append((route.id, str(failed.status)))
             outcome = Outcome.of_status(failed.status)
             self.breakers.record(route.id, outcome, probe=probe)
             last = failed
@@ -273,12 +277,15 @@ class Forward:
             except GatewayError as exc:
                 await ctx.send_error(send, exc)
                 return
-        overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
+        now = time.perf_counter()
+        ctx.overhead = now - ctx.started - waited
+        overhead_ms = ctx.overhead * 1000
         headers += ctx.headers()
         headers += self.route_info(route, attempts)
         headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
         ctx.responded = True
         ctx.status = response.status
+        ctx.first_byte = now
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body is not None:
             await send({"type": "http.response.body", "body": body})
@@ -294,6 +301,8 @@ class Forward:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not events:
+                    ctx.first_token = time.perf_counter()
                 events += chunk.count(b"data:")
                 previous, last = last, chunk
         except UpstreamError as exc:
