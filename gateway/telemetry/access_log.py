@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import orjson
 
 from gateway.context import RequestContext
-from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.metrics import LIMIT_KINDS, Metrics
 from gateway.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("gateway.access")
@@ -86,7 +86,7 @@ def line(
     if ctx.attempts:
         entry["attempts"] = [f"{deployment} {outcome}" for deployment, outcome in ctx.attempts]
     if ctx.admission is not None or ctx.refused:
-        entry["limits"] = f"refused {ctx.refused}" if ctx.refused else "admitted"
+        entry["limits"] = f"refused {LIMIT_KINDS[ctx.refused]}" if ctx.refused else "admitted"
     if ctx.without_store:
         entry["without_store"] = list(ctx.without_store)
     parent = _traceparent(scope)

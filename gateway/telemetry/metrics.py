@@ -169,7 +169,15 @@ OPERATIONS = {
 }
 # Provider kind -> gen_ai.provider.name; kinds the conventions do not name keep their own name.
 PROVIDER_NAMES = {"azure_openai": "azure.ai.openai", "grok": "x_ai"}
-_LIMIT_KINDS = {"rpm": "rpm", "tpm": "tpm", "rpd": "rpd", "usd": "budget", "conc": "concurrency"}
+# A limit spec's label -> its kind in the metrics and the access log.
+LIMIT_KINDS = {
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "rpd": "rpd",
+    "usd": "budget",
+    "conc": "concurrency",
+    "quota": "quota",
+}
 _STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _STREAM = {True: "true", False: "false"}
 _EMPTY = (0, 0)
@@ -306,11 +314,11 @@ class Metrics:
         if admission is not None:
             limits = counters["gateway_limit_decisions"]
             for spec, _, _, route in admission.charges:
-                _inc(limits, ("quota" if route is not None else _LIMIT_KINDS[spec.label], "admitted"))
+                _inc(limits, ("quota" if route is not None else LIMIT_KINDS[spec.label], "admitted"))
             if admission.lease is not None:
                 _inc(limits, ("concurrency", "admitted"))
         if ctx.refused:
-            _inc(counters["gateway_limit_decisions"], (ctx.refused, "refused"))
+            _inc(counters["gateway_limit_decisions"], (LIMIT_KINDS[ctx.refused], "refused"))
         for concern in ctx.without_store:
             _inc(counters["gateway_store_outage_decisions"], (concern,))
         if ctx.attempts:

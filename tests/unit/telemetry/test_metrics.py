@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import re
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.context import RequestContext
+from gateway.telemetry.exposition import SCRAPED, render
+from gateway.telemetry.metrics import OTHER, RECORDED, Counts, Deployment, LabelCap, Metrics
+
+NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*").fullmatch
+LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
+
+
+def metrics(**overrides: object) -> Metrics:
+    m = Metrics()
+    options: dict[str, object] = {
+        "key_names": (),
+        "max_key_names": 2,
+        "aliases": ["main"],
+        "deployments": {"oai/gpt-x": Deployment("openai", "gpt-x")},
+        "prices": {"main": (1.0, 2.0)},
+    }
+    m.configure(**{**options, **overrides})  # type: ignore[arg-type]
+    return m
+
+
+def answered(identity: str = "team-a", model: str = "main", status: int = 200) -> RequestContext:
+    ctx = RequestContext(b"req", 0.0)
+    ctx.identity, ctx.model, ctx.status = identity, model, status
+    ctx.deployment = "oai/gpt-x"
+    ctx.usage = (10, 5)
+    return ctx
+
+
+def test_names_and_labels_are_valid_prometheus_and_genai_ones_map_the_conventions() -> None:
+    for metric in (*RECORDED, *SCRAPED):
+        assert NAME(metric.name) and all(LABEL(label) for label in metric.labels), metric
+        assert not metric.name.endswith("_total")  # the exposition adds it to counters
+    names = {m.name for m in RECORDED}
+    # gen_ai.client.token.usage -> gen_ai_client_token_usage; a unit of seconds adds _seconds.
+    assert {"gen_ai_client_token_usage", "gen_ai_client_operation_duration_seconds",
+            "gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds"} <= names
+    genai = [m for m in RECORDED if m.name.startswith("gen_ai_")]
+    assert all(m.labels[:3] == ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+               for m in genai)
+
+
+def test_key_names_are_capped_with_an_other_bucket() -> None:
+    cap = LabelCap(2)
+    assert [cap(k) for k in ("a", "b", "c", "a", "d", "b")] == ["a", "b", OTHER, "a", OTHER, "b"]
+    allow = LabelCap(100, ["ops"])
+    assert (allow("ops"), allow("team-x")) == ("ops", OTHER)
+
+
+def test_a_flood_of_keys_and_models_stays_bounded() -> None:
+    m = metrics()
+    for i in range(500):
+        m.record(answered(identity=f"key-{i}", model=f"free-text-{i}"), "chat", 1.0)
+    keys = {labels[3] for labels in m.counts.counters["gateway_requests"]}
+    aliases = {labels[1] for labels in m.counts.counters["gateway_requests"]}
+    assert keys == {"key-0", "key-1", OTHER} and aliases == {OTHER}
+    assert len(m.counts.counters["gateway_tokens"]) == 6  # 3 keys x input/output
+
+
+def test_one_request_counts_tokens_cost_and_duration() -> None:
+    m = metrics()
+    m.record(answered(), "chat", 0.5)
+    c, h = m.counts.counters, m.counts.histograms
+    assert c["gateway_requests"] == {("chat", "main", "oai/gpt-x", "team-a", "2xx"): 1.0}
+    assert c["gateway_cost_usd"] == {("main", "team-a"): (10 * 1.0 + 5 * 2.0) / 1e6}
+    assert c["gateway_tokens"][("main", "oai/gpt-x", "team-a", "output")] == 5
+    duration = h["gen_ai_client_operation_duration_seconds"][("chat", "openai", "gpt-x", "")]
+    assert duration[-1] == 0.5 and sum(duration[:-1]) == 1
+    assert duration[6] == 1  # 0.5 s falls in the le=0.64 bucket (index 6)
+
+
+def test_a_value_on_a_bucket_bound_counts_in_that_bucket() -> None:
+    m = metrics()
+    m.record(answered(), "chat", 0.01)  # le=0.01 exactly
+    (series,) = m.counts.histograms["gateway_request_duration_seconds"].values()
+    assert series[0] == 1
+
+
+def test_errors_and_cache_hits() -> None:
+    m = metrics()
+    failed = answered(status=502)
+    failed.usage = None
+    m.record(failed, "chat", 1.0)
+    hit = answered()
+    hit.cache = b"hit"
+    m.record(hit, "chat", 1.0)
+    ops = m.counts.histograms["gen_ai_client_operation_duration_seconds"]
+    assert set(ops) == {("chat", "openai", "gpt-x", "502")}  # the hit never went upstream
+    assert m.counts.counters["gateway_cache_lookups"] == {("main", "hit"): 1.0}
+
+
+def test_retries_and_failovers_by_reason() -> None:
+    m = metrics()
+    ctx = answered()
+    ctx.attempts = [("a/x", "timeout"), ("b/y", "503"), ("b/y", "ok")]
+    m.record(ctx, "chat", 1.0)
+    assert m.counts.counters["gateway_upstream_retries"] == {
+        ("main", "failover", "timeout"): 1.0,
+        ("main", "retry", "503"): 1.0,
+    }
+    assert m.counts.counters["gateway_upstream_attempts"][("b/y", "ok")] == 1
+
+
+def test_counts_survive_a_round_trip_and_add_up() -> None:
+    m = metrics()
+    m.record(answered(), "chat", 0.2)
+    copy = Counts.load(orjson.loads(orjson.dumps(m.counts.dump())))
+    total = Counts()
+    total.add(m.counts)
+    total.add(copy)
+    assert total.counters["gateway_requests"][("chat", "main", "oai/gpt-x", "team-a", "2xx")] == 2
+    (series,) = total.histograms["gateway_request_duration_seconds"].values()
+    assert series[-1] == 0.4 and sum(series[:-1]) == 2
+
+
+def test_exposition_parses_and_histograms_are_cumulative() -> None:
+    m = metrics()
+    m.record(answered(), "chat", 0.02)
+    m.record(answered(), "chat", 5.0)
+    body, content_type = render(m.counts, {"gateway_store_up": {(): 1.0}}, "")
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    labels = {"alias": "main", "operation": "chat", "stream": "false"}
+
+    def at(name: str, **more: str) -> float:
+        return samples[(name, tuple(sorted({**labels, **more}.items())))]
+
+    assert at("gateway_request_duration_seconds_bucket", le="0.02") == 1
+    assert at("gateway_request_duration_seconds_bucket", le="5.12") == 2
+    assert at("gateway_request_duration_seconds_bucket", le="+Inf") == 2
+    assert at("gateway_request_duration_seconds_count") == 2
+    assert samples[("gateway_store_up", ())] == 1
+
+
+def test_openmetrics_is_negotiated_by_accept() -> None:
+    body, content_type = render(Counts(), {}, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    assert render(Counts(), {}, "text/plain")[1].startswith("text/plain")
+
+
+def test_limit_decisions_by_kind() -> None:
+    from gateway.context import Admission
+    from gateway.limits.specs import LEASE, REQUESTS, SLIDING, Spec
+
+    m = metrics()
+    admitted = answered()
+    admitted.admission = Admission("m", 0, 0)
+    rpm = Spec(SLIDING, "k:rpm", 10, 60_000, 3_000, REQUESTS, "rpm", "this key")
+    quota = Spec(SLIDING, "d:rpm", 10, 60_000, 3_000, REQUESTS, "rpm", "deployment")
+    admitted.admission.charges = [(rpm, 0, 1, None), (quota, 0, 1, object())]  # type: ignore[list-item]
+    admitted.admission.lease = Spec(LEASE, "k:conc", 2, 1000, 0, REQUESTS, "conc", "this key")
+    m.record(admitted, "chat", 1.0)
+    for label in ("usd", "quota"):
+        refused = answered(status=429)
+        refused.refused = label
+        m.record(refused, "chat", 1.0)
+    assert m.counts.counters["gateway_limit_decisions"] == {
+        ("rpm", "admitted"): 1.0,
+        ("quota", "admitted"): 1.0,
+        ("concurrency", "admitted"): 1.0,
+        ("budget", "refused"): 1.0,
+        ("quota", "refused"): 1.0,
+    }
