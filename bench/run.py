@@ -9,7 +9,8 @@ the gateway back to back, in the opposite order every other round so that drift 
   stream_c8  20-chunk SSE streams, 8 connections: TTFB and total p50, gateway CPU ms per stream
 
 Instead of that suite, `--providers` (bench/providers.py) measures what stream translation costs per
-provider, and `--failover` (bench/failover.py) takes one of two deployments down under load.
+provider, `--failover` (bench/failover.py) takes one of two deployments down under load, and
+`--metrics` (bench/metrics_cost.py) measures the metrics' CPU per request, on against off.
 
 Medians over rounds go to one markdown table on stdout, every round's raw numbers to
 bench/results/<timestamp>.json (server logs and the generated config in bench/results/<timestamp>/).
@@ -36,7 +37,7 @@ import httptools
 import orjson
 import uvloop
 
-from bench import failover, providers, redis_stack
+from bench import failover, metrics_cost, providers, redis_stack
 from bench.harness import (
     GATEWAY_CPU,
     HOST,
@@ -289,7 +290,9 @@ async def run_selected(
         await failover.run(args, logs, record, procs)
     if args.redis:
         await redis_stack.run(args, logs, record, procs)
-    if not (args.providers or args.failover or args.redis):
+    if args.metrics:
+        await metrics_cost.run(args, logs, record, procs)
+    if not (args.providers or args.failover or args.redis or args.metrics):
         await bench(args, logs, record, procs)
 
 
@@ -334,6 +337,7 @@ def parse_args() -> argparse.Namespace:
     flag("providers", "instead of the suite: 50-chunk streams, one alias per provider (translation cost)")
     flag("failover", "instead of the suite: one of two deployments down for 10 s under steady load (~1 min)")
     flag("redis", "instead of the suite: the full stack (limits, quota, cache) on a real redis-server")
+    flag("metrics", "instead of the suite: CPU per request with metrics on vs off, chat at 32 connections")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 2.0
@@ -393,6 +397,7 @@ def main() -> int:
     }
     # The failover scenario's failed requests are its result, not a fault of the run.
     failed = sum(record["errors"].values()) + providers.failed(record) + redis_stack.failed(record)
+    failed += metrics_cost.failed(record)
     reasons = [record["aborted"].partition("\n")[0]] if "aborted" in record else []
     if failed:
         reasons.append(f"{failed} failed request(s), see the JSON")
@@ -401,7 +406,12 @@ def main() -> int:
     out = results / f"{stamp}.json"
     out.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
     tables = [render(record)] if record["rounds"] else []
-    extra = (providers.render(record), failover.render(record), redis_stack.render(record))
+    extra = (
+        providers.render(record),
+        failover.render(record),
+        redis_stack.render(record),
+        metrics_cost.render(record),
+    )
     tables += [table for table in extra if table]
     if record["flagged"]:
         tables.append(f"**FLAGGED**: {record['flagged']}")

@@ -9,7 +9,7 @@ required (Authorization: Bearer or x-api-key), compared in constant time.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -23,7 +23,8 @@ from prometheus_client.metrics_core import (
 
 from gateway.auth.middleware import credential
 from gateway.errors import AuthenticationError, GatewayError, MethodNotAllowed
-from gateway.telemetry.metrics import RECORDED, Counts, Metric
+from gateway.telemetry.metrics import RECORDED, Counts, Deployment, Metric
+from gateway.telemetry.views import project
 from gateway.telemetry.workers import Gauges
 from gateway.types import Receive, Scope, Send
 
@@ -47,29 +48,29 @@ WORKERS = Metric("gateway_workers", "gauge", "Worker processes of this replica c
 SCRAPED = (INFLIGHT, STREAMS, CONNECTIONS, BREAKER, STORE_UP, WORKERS)
 BREAKER_STATES = ("closed", "open", "half_open")
 
-Scrape = Callable[[], Awaitable[tuple[Counts, Gauges]]]
+Scrape = Callable[[], Awaitable[tuple[Counts, Gauges, Mapping[str, Deployment]]]]
 
 
 class Families:
     """A prometheus_client collector over one scrape's counts and gauges."""
 
-    def __init__(self, counts: Counts, gauges: Gauges) -> None:
-        self.counts = counts
+    def __init__(self, counts: Counts, gauges: Gauges, deployments: Mapping[str, Deployment]) -> None:
+        self.counters, self.histograms = project(counts, deployments)
         self.gauges = gauges
 
     def collect(self) -> Iterator[Family]:
         for metric in RECORDED:
             if metric.kind == "counter":
                 counter = CounterMetricFamily(metric.name, metric.help, labels=metric.labels)
-                for labels, value in sorted(self.counts.counters.get(metric.name, {}).items()):
+                for labels, value in sorted(self.counters.get(metric.name, {}).items()):
                     counter.add_metric(labels, value)
                 yield counter
                 continue
             histogram = HistogramMetricFamily(metric.name, metric.help, labels=metric.labels)
             bounds = [*(_le(b) for b in metric.buckets), "+Inf"]
-            for labels, values in sorted(self.counts.histograms.get(metric.name, {}).items()):
+            for labels, values in sorted(self.histograms.get(metric.name, {}).items()):
                 cumulative, buckets = 0.0, []
-                for bound, count in zip(bounds, values[:-1], strict=False):
+                for bound, count in zip(bounds, values[:-1], strict=True):
                     cumulative += count
                     buckets.append((bound, cumulative))
                 histogram.add_metric(labels, buckets, values[-1])
@@ -85,10 +86,12 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def render(counts: Counts, gauges: Gauges, accept: str) -> tuple[bytes, str]:
+def render(
+    counts: Counts, gauges: Gauges, accept: str, deployments: Mapping[str, Deployment] | None = None
+) -> tuple[bytes, str]:
     """The exposition in the format `accept` asks for (OpenMetrics or Prometheus text 0.0.4)."""
     encoder, content_type = choose_encoder(accept)
-    return encoder(Families(counts, gauges)), content_type  # type: ignore[arg-type]
+    return encoder(Families(counts, gauges, deployments or {})), content_type  # type: ignore[arg-type]
 
 
 class MetricsEndpoint:
@@ -111,8 +114,8 @@ class MetricsEndpoint:
             await _answer(send, exc.status, "application/json", exc.body(), exc.headers)
             return
         accept = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"accept"), "")
-        counts, gauges = await self.scrape()
-        body, content_type = render(counts, gauges, accept)
+        counts, gauges, deployments = await self.scrape()
+        body, content_type = render(counts, gauges, accept, deployments)
         await _answer(send, 200, content_type, b"" if scope["method"] == "HEAD" else body)
 
 

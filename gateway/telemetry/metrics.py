@@ -14,7 +14,7 @@ unit `s` becomes `_seconds`); the rest is Prometheus-style `gateway_*`.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -178,55 +178,81 @@ LIMIT_KINDS = {
     "conc": "concurrency",
     "quota": "quota",
 }
-_STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-_STREAM = {True: "true", False: "false"}
-_EMPTY = (0, 0)
+_CACHE = {b"": "", b"hit": "hit", b"miss": "miss", b"bypass": "bypass"}
+
+
+# A request's row: its counts, then each histogram's buckets (the last one +Inf) and sum.
+REQUESTS_AT, INPUT_AT, OUTPUT_AT, COST_AT, FIRST_OK_AT = range(5)
+
+
+class Slots(NamedTuple):
+    at: int  # where its buckets start; the sum follows the +Inf bucket
+    bounds: tuple[float, ...]
+
+    @property
+    def end(self) -> int:
+        return self.at + len(self.bounds) + 2
+
+
+DURATION_AT = Slots(5, DURATION_S)
+OVERHEAD_AT = Slots(DURATION_AT.end, OVERHEAD_S)
+TOKENS_IN_AT = Slots(OVERHEAD_AT.end, TOKENS)
+TOKENS_OUT_AT = Slots(TOKENS_IN_AT.end, TOKENS)
+FIRST_BYTE_AT = Slots(TOKENS_OUT_AT.end, FIRST_TOKEN_S)
+FIRST_TOKEN_AT = Slots(FIRST_BYTE_AT.end, FIRST_TOKEN_S)
+PER_TOKEN_AT = Slots(FIRST_TOKEN_AT.end, PER_TOKEN_S)
+ROW = PER_TOKEN_AT.end
+# The hot path's offsets as plain ints (a NamedTuple property costs a call each time).
+_DURATION, _DURATION_SUM = DURATION_AT.at, DURATION_AT.end - 1
+_OVERHEAD, _OVERHEAD_SUM = OVERHEAD_AT.at, OVERHEAD_AT.end - 1
+_TOKENS_IN, _TOKENS_IN_SUM = TOKENS_IN_AT.at, TOKENS_IN_AT.end - 1
+_TOKENS_OUT, _TOKENS_OUT_SUM = TOKENS_OUT_AT.at, TOKENS_OUT_AT.end - 1
+# A row's key: (operation, alias, deployment, key name, status, stream, cache result).
+RowKey = tuple[str, str, str, str, int, bool, str]
 
 
 class Counts:
-    """Counter values and histogram buckets per metric and label values: one process's whole state.
+    """One process's whole state: a row of counts per kind of request, and the rarer counters.
 
-    A histogram series is [count per bucket..., count above the last, sum].
+    Most metrics share their labels with the request's own, so a request adds to
+    one row (one dict lookup) and the exposition projects each metric from the
+    rows at scrape time. Events that are not one per request (limit decisions,
+    retries, failed attempts, outage decisions) are counters of their own.
     """
 
-    __slots__ = ("counters", "histograms")
+    __slots__ = ("counters", "rows")
 
     def __init__(self) -> None:
+        self.rows: dict[RowKey, list[float]] = {}
         self.counters: dict[str, dict[tuple[str, ...], float]] = {
-            m.name: {} for m in RECORDED if m.kind == "counter"
-        }
-        self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {
-            m.name: {} for m in RECORDED if m.kind == "histogram"
+            m.name: {} for m in (LIMITS, WITHOUT_STORE, ATTEMPTS, RETRIES)
         }
 
     def add(self, other: Counts) -> None:
+        for key, values in other.rows.items():
+            mine = self.rows.get(key)
+            if mine is None:
+                self.rows[key] = list(values)
+            elif len(mine) == len(values):  # else a worker of another version: its row is left out
+                for i, value in enumerate(values):
+                    mine[i] += value
         for name, series in other.counters.items():
-            mine = self.counters.setdefault(name, {})
+            counter = self.counters.setdefault(name, {})
             for labels, value in series.items():
-                mine[labels] = mine.get(labels, 0.0) + value
-        for name, hseries in other.histograms.items():
-            hmine = self.histograms.setdefault(name, {})
-            for labels, values in hseries.items():
-                have = hmine.get(labels)
-                if have is None or len(have) != len(values):  # buckets changed: the newer layout wins
-                    hmine[labels] = list(values)
-                else:
-                    for i, value in enumerate(values):
-                        have[i] += value
+                counter[labels] = counter.get(labels, 0.0) + value
 
     def dump(self) -> dict[str, Any]:
         return {
+            "rows": [[*k, v] for k, v in self.rows.items()],
             "counters": {n: [[*k, v] for k, v in s.items()] for n, s in self.counters.items()},
-            "histograms": {n: [[*k, v] for k, v in s.items()] for n, s in self.histograms.items()},
         }
 
     @classmethod
     def load(cls, data: Mapping[str, Any]) -> Counts:
         counts = cls()
+        counts.rows = {tuple(row[:-1]): row[-1] for row in data.get("rows", ())}  # type: ignore[misc]
         for name, rows in data.get("counters", {}).items():
             counts.counters[name] = {tuple(row[:-1]): float(row[-1]) for row in rows}
-        for name, rows in data.get("histograms", {}).items():
-            counts.histograms[name] = {tuple(row[:-1]): [float(x) for x in row[-1]] for row in rows}
         return counts
 
 
@@ -285,98 +311,91 @@ class Metrics:
             self.keys = LabelCap(max_key_names, allowed)
         self.aliases = frozenset(aliases)
         self.deployments = dict(deployments)
-        self.prices = dict(prices)
-
-    def alias(self, model: str) -> str:
-        # A model the config does not serve is the client's free text: never a label of its own.
-        return model if model in self.aliases else OTHER if model else ""
+        self.prices = {alias: price for alias, price in prices.items() if any(price)}
 
     def record(self, ctx: RequestContext, operation: str, ended: float) -> None:
-        """Add one finished request (`ended`: perf_counter at its end)."""
-        counters, histograms = self.counts.counters, self.counts.histograms
-        alias = self.alias(ctx.model)
-        key = self.keys(ctx.identity) if ctx.identity else ""
-        deployment = ctx.deployment
-        status = ctx.status
-        _inc(
-            counters["gateway_requests"],
-            (operation, alias, deployment, key, _STATUS_CLASSES.get(status // 100, "none")),
-        )
+        """Add one finished request (`ended`: perf_counter at its end). The hot path: keep it lean."""
+        model = ctx.model
+        # A model the config does not serve is the client's free text: never a label of its own.
+        alias = model if model in self.aliases else OTHER if model else ""
+        identity = ctx.identity
+        key = identity if not identity or identity in self.keys.seen else self.keys(identity)
         stream = ctx.streamed is not None
+        cache = "coalesced" if ctx.coalesced else _CACHE[ctx.cache]
+        row_key = (operation, alias, ctx.deployment, key, ctx.status, stream, cache)
+        row = self.counts.rows.get(row_key)
+        if row is None:
+            row = self.counts.rows[row_key] = [0.0] * ROW
+        row[REQUESTS_AT] += 1
         total = ended - ctx.started
-        _observe(histograms[DURATION.name], (operation, alias, _STREAM[stream]), total, DURATION_S)
-        if ctx.overhead is not None:
-            _observe(histograms[OVERHEAD.name], (operation, _STREAM[stream]), ctx.overhead, OVERHEAD_S)
-        if ctx.cache:
-            result = "coalesced" if ctx.coalesced else ctx.cache.decode()
-            _inc(counters["gateway_cache_lookups"], (alias, result))
+        row[_DURATION + bisect_left(DURATION_S, total)] += 1  # buckets are `le`: a bound is in
+        row[_DURATION_SUM] += total
+        overhead = ctx.overhead
+        if overhead is not None:
+            row[_OVERHEAD + bisect_left(OVERHEAD_S, overhead)] += 1
+            row[_OVERHEAD_SUM] += overhead
+        usage = ctx.usage
+        if usage is not None:
+            prompt, completion = usage
+            row[INPUT_AT] += prompt
+            row[OUTPUT_AT] += completion
+            row[_TOKENS_IN + bisect_left(TOKENS, prompt)] += 1
+            row[_TOKENS_IN_SUM] += prompt
+            row[_TOKENS_OUT + bisect_left(TOKENS, completion)] += 1
+            row[_TOKENS_OUT_SUM] += completion
+            if model in self.prices:
+                price_in, price_out = self.prices[model]
+                row[COST_AT] += (prompt * price_in + completion * price_out) / 1e6
+        if stream:
+            self._stream(ctx, row, ended)
+        attempts = ctx.attempts
+        if len(attempts) == 1 and attempts[0][1] == "ok":
+            row[FIRST_OK_AT] += 1
+        elif attempts:
+            self._attempts(attempts, alias)
+        if ctx.admission is not None or ctx.refused or ctx.without_store:
+            self._decisions(ctx)
+
+    def _stream(self, ctx: RequestContext, row: list[float], ended: float) -> None:
+        if ctx.first_byte:
+            _observe(row, FIRST_BYTE_AT, ctx.first_byte - ctx.started)
+        if ctx.first_token:
+            _observe(row, FIRST_TOKEN_AT, ctx.first_token - ctx.started)
+            output = ctx.usage[1] if ctx.usage is not None else 0
+            if output > 1:
+                _observe(row, PER_TOKEN_AT, (ended - ctx.first_token) / (output - 1))
+
+    def _attempts(self, attempts: list[tuple[str, str]], alias: str) -> None:
+        counters = self.counts.counters
+        tried, retried = counters[ATTEMPTS.name], counters[RETRIES.name]
+        previous: tuple[str, str] | None = None
+        for deployment, outcome in attempts:
+            _inc(tried, (deployment, outcome))
+            if previous is not None:
+                kind = "retry" if previous[0] == deployment else "failover"
+                _inc(retried, (alias, kind, previous[1]))
+            previous = (deployment, outcome)
+
+    def _decisions(self, ctx: RequestContext) -> None:
+        counters = self.counts.counters
+        limits = counters[LIMITS.name]
         admission = ctx.admission
         if admission is not None:
-            limits = counters["gateway_limit_decisions"]
             for spec, _, _, route in admission.charges:
                 _inc(limits, ("quota" if route is not None else LIMIT_KINDS[spec.label], "admitted"))
             if admission.lease is not None:
                 _inc(limits, ("concurrency", "admitted"))
         if ctx.refused:
-            _inc(counters["gateway_limit_decisions"], (LIMIT_KINDS[ctx.refused], "refused"))
+            _inc(limits, (LIMIT_KINDS[ctx.refused], "refused"))
         for concern in ctx.without_store:
-            _inc(counters["gateway_store_outage_decisions"], (concern,))
-        if ctx.attempts:
-            self._attempts(ctx, alias)
-        target = self.deployments.get(deployment)
-        if target is None or ctx.cache == b"hit":
-            return  # no upstream answered this one (refused, a cache hit, or a follower)
-        genai = (operation, target.provider, target.model)
-        error = "" if 0 < status < 400 else str(status) if status else "cancelled"
-        _observe(histograms[OPERATION.name], (*genai, error), total, DURATION_S)
-        if stream:
-            if ctx.first_byte:
-                first_byte = ctx.first_byte - ctx.started
-                _observe(histograms[FIRST_BYTE.name], (operation, alias), first_byte, FIRST_TOKEN_S)
-            if ctx.first_token:
-                first = ctx.first_token - ctx.started
-                _observe(histograms[FIRST_TOKEN.name], genai, first, FIRST_TOKEN_S)
-                output = ctx.usage[1] if ctx.usage is not None else 0
-                if output > 1:
-                    per_token = (ended - ctx.first_token) / (output - 1)
-                    _observe(histograms[PER_TOKEN.name], genai, per_token, PER_TOKEN_S)
-        usage = ctx.usage
-        if usage is not None and usage != _EMPTY:
-            usage_series = histograms[TOKEN_USAGE.name]
-            tokens = counters["gateway_tokens"]
-            _observe(usage_series, (*genai, "input"), usage[0], TOKENS)
-            _observe(usage_series, (*genai, "output"), usage[1], TOKENS)
-            _inc(tokens, (alias, deployment, key, "input"), usage[0])
-            _inc(tokens, (alias, deployment, key, "output"), usage[1])
-            price_in, price_out = self.prices.get(ctx.model, _EMPTY)
-            if price_in or price_out:
-                cost = (usage[0] * price_in + usage[1] * price_out) / 1e6
-                _inc(counters["gateway_cost_usd"], (alias, key), cost)
-
-    def _attempts(self, ctx: RequestContext, alias: str) -> None:
-        attempts = self.counts.counters["gateway_upstream_attempts"]
-        retries = self.counts.counters["gateway_upstream_retries"]
-        previous: tuple[str, str] | None = None
-        for deployment, outcome in ctx.attempts:
-            _inc(attempts, (deployment, outcome))
-            if previous is not None:
-                kind = "retry" if previous[0] == deployment else "failover"
-                _inc(retries, (alias, kind, previous[1]))
-            previous = (deployment, outcome)
+            _inc(counters[WITHOUT_STORE.name], (concern,))
 
 
-def _inc(series: dict[tuple[str, ...], float], labels: tuple[str, ...], amount: float = 1.0) -> None:
-    series[labels] = series.get(labels, 0.0) + amount
+def _inc(series: dict[tuple[str, ...], float], labels: tuple[str, ...]) -> None:
+    series[labels] = series.get(labels, 0.0) + 1
 
 
-def _observe(
-    series: dict[tuple[str, ...], list[float]],
-    labels: tuple[str, ...],
-    value: float,
-    bounds: tuple[float, ...],
-) -> None:
-    values = series.get(labels)
-    if values is None:
-        values = series[labels] = [0.0] * (len(bounds) + 2)
-    values[bisect.bisect_left(bounds, value)] += 1  # Prometheus buckets are `le`: a value on a bound is in it
-    values[-1] += value
+def _observe(row: list[float], slots: Slots, value: float) -> None:
+    at, bounds = slots
+    row[at + bisect_left(bounds, value)] += 1
+    row[at + len(bounds) + 1] += value

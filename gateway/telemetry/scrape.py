@@ -98,7 +98,7 @@ class MetricsService:
             CONNECTIONS.name: connections,
         }
 
-    async def collect(self) -> tuple[Counts, Gauges]:
+    async def collect(self) -> tuple[Counts, Gauges, Mapping[str, Deployment]]:
         """Everything one scrape reports: the sum over this replica's workers."""
         source = self.source()
         gauges = self.summed()
@@ -119,7 +119,7 @@ class MetricsService:
         }
         gauges[STORE_UP.name] = {(): float(await _store_up(source.store))}
         gauges[WORKERS.name] = {(): workers}
-        return counts, gauges
+        return counts, gauges, self.metrics.deployments
 
 
 def _sum(mine: Counts, others: Counts) -> Counts:

@@ -72,10 +72,10 @@ class WorkerShare:
                 continue
             try:
                 state: dict[str, Any] = orjson.loads(path.read_bytes())
-            except (OSError, orjson.JSONDecodeError) as exc:
-                log.warning("metrics: skipping unreadable worker file %s: %s", path.name, exc)
+                total.add(Counts.load(state))
+            except (OSError, ValueError, TypeError, IndexError, AttributeError) as exc:  # never fail a scrape
+                log.warning("metrics: skipping unreadable worker file %s: %r", path.name, exc)
                 continue
-            total.add(Counts.load(state))
             if _alive(path.with_suffix(".lock")):
                 alive += 1
                 for name, rows in state.get("gauges", {}).items():

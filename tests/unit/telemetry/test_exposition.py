@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from gateway.telemetry.exposition import MetricsEndpoint
-from gateway.telemetry.metrics import Counts
+from gateway.telemetry.metrics import Counts, Deployment
 from gateway.telemetry.server import serve
 from gateway.telemetry.workers import Gauges
 from tests.unit.asgi import call, scope
@@ -14,8 +14,8 @@ from tests.unit.asgi import call, scope
 ADMIN = "adm-unit-0123456789abcdef"
 
 
-async def _scrape() -> tuple[Counts, Gauges]:
-    return Counts(), {"gateway_store_up": {(): 1.0}}
+async def _scrape() -> tuple[Counts, Gauges, dict[str, Deployment]]:
+    return Counts(), {"gateway_store_up": {(): 1.0}}, {}
 
 
 def endpoint(key: str | None = None) -> MetricsEndpoint:

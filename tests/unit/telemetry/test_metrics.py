@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.context import RequestContext
+from gateway.context import Admission, RequestContext
+from gateway.limits.specs import LEASE, REQUESTS, SLIDING, Spec
 from gateway.telemetry.exposition import SCRAPED, render
 from gateway.telemetry.metrics import OTHER, RECORDED, Counts, Deployment, LabelCap, Metrics
+from gateway.telemetry.views import project
 
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*").fullmatch
 LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
@@ -31,7 +34,12 @@ def answered(identity: str = "team-a", model: str = "main", status: int = 200) -
     ctx.identity, ctx.model, ctx.status = identity, model, status
     ctx.deployment = "oai/gpt-x"
     ctx.usage = (10, 5)
+    ctx.attempts = [("oai/gpt-x", "ok")]
     return ctx
+
+
+def exposed(m: Metrics) -> tuple[dict[str, Any], dict[str, Any]]:
+    return project(m.counts, m.deployments)
 
 
 def test_names_and_labels_are_valid_prometheus_and_genai_ones_map_the_conventions() -> None:
@@ -58,42 +66,73 @@ def test_a_flood_of_keys_and_models_stays_bounded() -> None:
     m = metrics()
     for i in range(500):
         m.record(answered(identity=f"key-{i}", model=f"free-text-{i}"), "chat", 1.0)
-    keys = {labels[3] for labels in m.counts.counters["gateway_requests"]}
-    aliases = {labels[1] for labels in m.counts.counters["gateway_requests"]}
-    assert keys == {"key-0", "key-1", OTHER} and aliases == {OTHER}
-    assert len(m.counts.counters["gateway_tokens"]) == 6  # 3 keys x input/output
+    assert len(m.counts.rows) == 3
+    requests = exposed(m)[0]["gateway_requests"]
+    assert {labels[3] for labels in requests} == {"key-0", "key-1", OTHER}
+    assert {labels[1] for labels in requests} == {OTHER}
+
+
+def test_an_allowlist_of_key_names() -> None:
+    m = metrics(key_names=["ops"])
+    for name in ("ops", "team-x", "team-y"):
+        m.record(answered(identity=name), "chat", 1.0)
+    assert exposed(m)[0]["gateway_requests"] == {
+        ("chat", "main", "oai/gpt-x", "ops", "2xx"): 1.0,
+        ("chat", "main", "oai/gpt-x", OTHER, "2xx"): 2.0,
+    }
 
 
 def test_one_request_counts_tokens_cost_and_duration() -> None:
     m = metrics()
     m.record(answered(), "chat", 0.5)
-    c, h = m.counts.counters, m.counts.histograms
-    assert c["gateway_requests"] == {("chat", "main", "oai/gpt-x", "team-a", "2xx"): 1.0}
-    assert c["gateway_cost_usd"] == {("main", "team-a"): (10 * 1.0 + 5 * 2.0) / 1e6}
-    assert c["gateway_tokens"][("main", "oai/gpt-x", "team-a", "output")] == 5
-    duration = h["gen_ai_client_operation_duration_seconds"][("chat", "openai", "gpt-x", "")]
+    counters, histograms = exposed(m)
+    assert counters["gateway_requests"] == {("chat", "main", "oai/gpt-x", "team-a", "2xx"): 1.0}
+    assert counters["gateway_cost_usd"] == {("main", "team-a"): (10 * 1.0 + 5 * 2.0) / 1e6}
+    assert counters["gateway_tokens"][("main", "oai/gpt-x", "team-a", "output")] == 5
+    assert counters["gateway_upstream_attempts"] == {("oai/gpt-x", "ok"): 1.0}
+    duration = histograms["gen_ai_client_operation_duration_seconds"][("chat", "openai", "gpt-x", "")]
     assert duration[-1] == 0.5 and sum(duration[:-1]) == 1
     assert duration[6] == 1  # 0.5 s falls in the le=0.64 bucket (index 6)
+    usage = histograms["gen_ai_client_token_usage"]
+    assert usage[("chat", "openai", "gpt-x", "input")][-1] == 10
+    assert usage[("chat", "openai", "gpt-x", "output")][2] == 1  # 5 tokens: le=16
 
 
 def test_a_value_on_a_bucket_bound_counts_in_that_bucket() -> None:
     m = metrics()
     m.record(answered(), "chat", 0.01)  # le=0.01 exactly
-    (series,) = m.counts.histograms["gateway_request_duration_seconds"].values()
+    (series,) = exposed(m)[1]["gateway_request_duration_seconds"].values()
     assert series[0] == 1
 
 
-def test_errors_and_cache_hits() -> None:
-    m = metrics()
+def test_errors_cache_hits_and_unpriced_models() -> None:
+    m = metrics(prices={"main": (0.0, 0.0)})
     failed = answered(status=502)
     failed.usage = None
     m.record(failed, "chat", 1.0)
     hit = answered()
     hit.cache = b"hit"
+    hit.attempts = []
     m.record(hit, "chat", 1.0)
-    ops = m.counts.histograms["gen_ai_client_operation_duration_seconds"]
+    counters, histograms = exposed(m)
+    ops = histograms["gen_ai_client_operation_duration_seconds"]
     assert set(ops) == {("chat", "openai", "gpt-x", "502")}  # the hit never went upstream
-    assert m.counts.counters["gateway_cache_lookups"] == {("main", "hit"): 1.0}
+    assert counters["gateway_cache_lookups"] == {("main", "hit"): 1.0}
+    assert counters["gateway_cost_usd"] == {} and counters["gateway_tokens"] == {}
+
+
+def test_a_stream_times_its_first_byte_and_tokens() -> None:
+    m = metrics()
+    ctx = answered()
+    ctx.streamed = 12
+    ctx.first_byte, ctx.first_token = 0.05, 0.1
+    m.record(ctx, "chat", 0.5)  # 4 output tokens after the first in 0.4 s: 0.1 s each
+    histograms = exposed(m)[1]
+    assert histograms["gateway_time_to_first_byte_seconds"][("chat", "main")][-1] == 0.05
+    assert histograms["gen_ai_server_time_to_first_token_seconds"][("chat", "openai", "gpt-x")][-1] == 0.1
+    per_token = histograms["gen_ai_server_time_per_output_token_seconds"][("chat", "openai", "gpt-x")]
+    assert abs(per_token[-1] - 0.1) < 1e-9
+    assert ("chat", "main", "true") in histograms["gateway_request_duration_seconds"]
 
 
 def test_retries_and_failovers_by_reason() -> None:
@@ -101,30 +140,59 @@ def test_retries_and_failovers_by_reason() -> None:
     ctx = answered()
     ctx.attempts = [("a/x", "timeout"), ("b/y", "503"), ("b/y", "ok")]
     m.record(ctx, "chat", 1.0)
-    assert m.counts.counters["gateway_upstream_retries"] == {
+    counters = exposed(m)[0]
+    assert counters["gateway_upstream_retries"] == {
         ("main", "failover", "timeout"): 1.0,
         ("main", "retry", "503"): 1.0,
     }
-    assert m.counts.counters["gateway_upstream_attempts"][("b/y", "ok")] == 1
+    assert counters["gateway_upstream_attempts"] == {("a/x", "timeout"): 1.0, ("b/y", "503"): 1.0, ("b/y", "ok"): 1.0}
+
+
+def test_limit_decisions_by_kind_and_outage() -> None:
+    m = metrics()
+    admitted = answered()
+    admitted.admission = Admission("m", 0, 0)
+    rpm = Spec(SLIDING, "k:rpm", 10, 60_000, 3_000, REQUESTS, "rpm", "this key")
+    quota = Spec(SLIDING, "d:rpm", 10, 60_000, 3_000, REQUESTS, "rpm", "deployment")
+    admitted.admission.charges = [(rpm, 0, 1, None), (quota, 0, 1, object())]  # type: ignore[list-item]
+    admitted.admission.lease = Spec(LEASE, "k:conc", 2, 1000, 0, REQUESTS, "conc", "this key")
+    admitted.without_store = ("cache",)
+    m.record(admitted, "chat", 1.0)
+    for label in ("usd", "quota"):
+        refused = answered(status=429)
+        refused.refused = label
+        m.record(refused, "chat", 1.0)
+    counters = exposed(m)[0]
+    assert counters["gateway_limit_decisions"] == {
+        ("rpm", "admitted"): 1.0,
+        ("quota", "admitted"): 1.0,
+        ("concurrency", "admitted"): 1.0,
+        ("budget", "refused"): 1.0,
+        ("quota", "refused"): 1.0,
+    }
+    assert counters["gateway_store_outage_decisions"] == {("cache",): 1.0}
 
 
 def test_counts_survive_a_round_trip_and_add_up() -> None:
     m = metrics()
     m.record(answered(), "chat", 0.2)
+    m.record(answered(status=500), "chat", 0.2)
     copy = Counts.load(orjson.loads(orjson.dumps(m.counts.dump())))
+    assert copy.rows == m.counts.rows
     total = Counts()
     total.add(m.counts)
     total.add(copy)
-    assert total.counters["gateway_requests"][("chat", "main", "oai/gpt-x", "team-a", "2xx")] == 2
-    (series,) = total.histograms["gateway_request_duration_seconds"].values()
-    assert series[-1] == 0.4 and sum(series[:-1]) == 2
+    counters, histograms = project(total, m.deployments)
+    assert counters["gateway_requests"][("chat", "main", "oai/gpt-x", "team-a", "2xx")] == 2
+    (series,) = [v for k, v in histograms["gateway_request_duration_seconds"].items()]
+    assert series[-1] == 0.8 and sum(series[:-1]) == 4
 
 
 def test_exposition_parses_and_histograms_are_cumulative() -> None:
     m = metrics()
     m.record(answered(), "chat", 0.02)
     m.record(answered(), "chat", 5.0)
-    body, content_type = render(m.counts, {"gateway_store_up": {(): 1.0}}, "")
+    body, content_type = render(m.counts, {"gateway_store_up": {(): 1.0}}, "", m.deployments)
     assert content_type.startswith("text/plain; version=0.0.4")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(body.decode()) for s in f.samples}
@@ -145,28 +213,3 @@ def test_openmetrics_is_negotiated_by_accept() -> None:
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
     assert render(Counts(), {}, "text/plain")[1].startswith("text/plain")
-
-
-def test_limit_decisions_by_kind() -> None:
-    from gateway.context import Admission
-    from gateway.limits.specs import LEASE, REQUESTS, SLIDING, Spec
-
-    m = metrics()
-    admitted = answered()
-    admitted.admission = Admission("m", 0, 0)
-    rpm = Spec(SLIDING, "k:rpm", 10, 60_000, 3_000, REQUESTS, "rpm", "this key")
-    quota = Spec(SLIDING, "d:rpm", 10, 60_000, 3_000, REQUESTS, "rpm", "deployment")
-    admitted.admission.charges = [(rpm, 0, 1, None), (quota, 0, 1, object())]  # type: ignore[list-item]
-    admitted.admission.lease = Spec(LEASE, "k:conc", 2, 1000, 0, REQUESTS, "conc", "this key")
-    m.record(admitted, "chat", 1.0)
-    for label in ("usd", "quota"):
-        refused = answered(status=429)
-        refused.refused = label
-        m.record(refused, "chat", 1.0)
-    assert m.counts.counters["gateway_limit_decisions"] == {
-        ("rpm", "admitted"): 1.0,
-        ("quota", "admitted"): 1.0,
-        ("concurrency", "admitted"): 1.0,
-        ("budget", "refused"): 1.0,
-        ("quota", "refused"): 1.0,
-    }

@@ -6,11 +6,13 @@ from pathlib import Path
 from gateway.telemetry.metrics import Counts
 from gateway.telemetry.workers import WorkerShare
 
+ROW = ("chat", "main", "d", "k", 200, False, "")
+
 
 def counts(requests: float) -> Counts:
     c = Counts()
-    c.counters["gateway_requests"][("chat", "main", "d", "k", "2xx")] = requests
-    c.histograms["gateway_request_duration_seconds"][("chat", "main", "false")] = [1.0, 0.0, 0.5]
+    c.rows[ROW] = [requests, 0.0, 0.5]
+    c.counters["gateway_upstream_retries"][("main", "retry", "503")] = requests
     return c
 
 
@@ -23,8 +25,8 @@ def test_the_others_add_up_and_only_live_gauges_count(tmp_path: Path) -> None:
     dead.close()  # as its process ending would release it
     me.write(counts(100), {})  # its own file is never read back: the caller has the live counts
     total, gauges, alive = me.others()
-    assert total.counters["gateway_requests"][("chat", "main", "d", "k", "2xx")] == 7  # the dead one's stay
-    assert total.histograms["gateway_request_duration_seconds"][("chat", "main", "false")] == [2.0, 0.0, 1.0]
+    assert total.rows[ROW] == [7.0, 0.0, 1.0]  # the dead one's stay
+    assert total.counters["gateway_upstream_retries"][("main", "retry", "503")] == 7
     assert gauges == {"gateway_requests_in_flight": {(): 2.0}} and alive == 1
     live.close()
     me.close()
@@ -49,18 +51,19 @@ def test_a_worker_that_died_without_closing_reads_as_dead(tmp_path: Path) -> Non
     me.open()
     total, gauges, alive = me.others()
     assert alive == 0 and gauges == {}
-    assert total.counters["gateway_requests"][("chat", "main", "d", "k", "2xx")] == 1
+    assert total.rows[ROW][0] == 1
     me.close()
 
 
 def test_an_unreadable_file_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "123-abcd.json").write_bytes(b"{not json")
+    (tmp_path / "124-abcd.json").write_bytes(b'{"rows": 3}')
     other = WorkerShare(tmp_path)
     other.open()
     other.write(counts(2), {})
     me = WorkerShare(tmp_path)
     total, _, alive = me.others()
-    assert total.counters["gateway_requests"][("chat", "main", "d", "k", "2xx")] == 2 and alive == 1
+    assert total.rows[ROW][0] == 2 and alive == 1
     other.close()
 
 
