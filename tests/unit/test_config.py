@@ -215,3 +215,14 @@ def test_provider_headers_are_checked(headers: str, fragment: str) -> None:
 def test_openrouter_headers_accepted() -> None:
     text = BASE.replace("type: openai,", "type: openrouter, headers: {HTTP-Referer: 'https://app.example', X-Title: App},")
     assert parse(text, ENV).providers["oai"].headers == {"HTTP-Referer": "https://app.example", "X-Title": "App"}
+
+
+def test_metrics_settings_and_the_admin_guard_needs_an_admin_key() -> None:
+    config = parse("metrics: {port: 9464, key_names: [ops], max_key_names: 5}\n", {})
+    assert config.metrics.enabled and config.metrics.port == 9464 and config.metrics.key_names == ["ops"]
+    with pytest.raises(ConfigError) as err:
+        parse("metrics: {auth: admin}\n", {})
+    assert "metrics.auth: 'admin' needs auth.admin_key" in err.value.problems
+    with pytest.raises(ConfigError) as err:
+        parse("metrics: {share_interval_s: 0, typo: 1}\n", {})
+    assert any(p.startswith("metrics") for p in err.value.problems)
