@@ -48,7 +48,7 @@ from gateway.tasks import Background
 from gateway.telemetry import logs
 from gateway.telemetry.access_log import AccessLogMiddleware
 from gateway.telemetry.exposition import MetricsEndpoint
-from gateway.telemetry.metrics import OPERATIONS, Metrics
+from gateway.telemetry.metrics import OPERATIONS, TRANSITIONS, Metrics
 from gateway.telemetry.request_id import RequestIdMiddleware
 from gateway.telemetry.scrape import MetricsService, deployments
 from gateway.telemetry.workers import ENV as METRICS_DIR
@@ -185,6 +185,9 @@ class Snapshot:
         ]
         m = config.metrics
         if m.enabled:
+            # Both outlive this snapshot's store and breakers, so a reload never takes counts back.
+            self.store.stats = metrics.metrics.counts.store
+            self.breakers.transitions = metrics.metrics.counts.counters[TRANSITIONS.name]
             metrics.metrics.configure(
                 key_names=m.key_names,
                 max_key_names=m.max_key_names,

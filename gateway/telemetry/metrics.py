@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
+from operator import add
 from typing import Any, NamedTuple
 
 from gateway.context import RequestContext
+from gateway.store import StoreStats
+from gateway.store.base import STORE_SECONDS
 from gateway.types import Scope
 
 OTHER = "other"  # the label value of everything past a cap
@@ -142,6 +145,32 @@ RETRIES = Metric(
     "previous attempt's outcome).",
     ("alias", "kind", "reason"),
 )
+TRANSITIONS = Metric(
+    "gateway_breaker_transitions",
+    "counter",
+    "Breaker state changes this replica applied, by deployment and the state entered. Every worker "
+    "applies every change, so workers are merged by their maximum, not summed.",
+    ("deployment", "state"),
+)
+STORE_TRIPS = Metric(
+    "gateway_store_round_trips",
+    "counter",
+    "Store round trips on the request path (limit scripts, cache lookups and fills), failed ones included.",
+    (),
+)
+STORE_ERRORS = Metric(
+    "gateway_store_errors",
+    "counter",
+    "Store round trips that failed: unreachable, timed out, connection lost.",
+    (),
+)
+STORE_LATENCY = Metric(
+    "gateway_store_round_trip_seconds",
+    "histogram",
+    "Duration of the store round trips on the request path.",
+    (),
+    STORE_SECONDS,
+)
 RECORDED = (
     REQUESTS,
     DURATION,
@@ -158,6 +187,10 @@ RECORDED = (
     WITHOUT_STORE,
     ATTEMPTS,
     RETRIES,
+    TRANSITIONS,
+    STORE_TRIPS,
+    STORE_ERRORS,
+    STORE_LATENCY,
 )
 
 # Operation path -> gen_ai.operation.name (the conventions' well-known values).
@@ -220,12 +253,13 @@ class Counts:
     retries, failed attempts, outage decisions) are counters of their own.
     """
 
-    __slots__ = ("counters", "rows")
+    __slots__ = ("counters", "rows", "store")
 
     def __init__(self) -> None:
+        self.store = StoreStats()  # the store counts in it itself (Store.stats)
         self.rows: dict[RowKey, list[float]] = {}
         self.counters: dict[str, dict[tuple[str, ...], float]] = {
-            m.name: {} for m in (LIMITS, WITHOUT_STORE, ATTEMPTS, RETRIES)
+            m.name: {} for m in (LIMITS, WITHOUT_STORE, ATTEMPTS, RETRIES, TRANSITIONS)
         }
 
     def add(self, other: Counts) -> None:
@@ -238,13 +272,20 @@ class Counts:
                     mine[i] += value
         for name, series in other.counters.items():
             counter = self.counters.setdefault(name, {})
+            merge = max if name == TRANSITIONS.name else add
             for labels, value in series.items():
-                counter[labels] = counter.get(labels, 0.0) + value
+                counter[labels] = merge(counter.get(labels, 0.0), value)
+        store = other.store
+        if len(store.buckets) == len(self.store.buckets):
+            self.store.buckets = [a + b for a, b in zip(self.store.buckets, store.buckets, strict=True)]
+            self.store.seconds += store.seconds
+            self.store.errors += store.errors
 
     def dump(self) -> dict[str, Any]:
         return {
             "rows": [[*k, v] for k, v in self.rows.items()],
             "counters": {n: [[*k, v] for k, v in s.items()] for n, s in self.counters.items()},
+            "store": [self.store.buckets, self.store.seconds, self.store.errors],
         }
 
     @classmethod
@@ -253,6 +294,8 @@ class Counts:
         counts.rows = {tuple(row[:-1]): row[-1] for row in data.get("rows", ())}  # type: ignore[misc]
         for name, rows in data.get("counters", {}).items():
             counts.counters[name] = {tuple(row[:-1]): float(row[-1]) for row in rows}
+        if "store" in data:
+            counts.store.buckets, counts.store.seconds, counts.store.errors = data["store"]
         return counts
 
 

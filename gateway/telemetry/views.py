@@ -32,6 +32,9 @@ from gateway.telemetry.metrics import (
     PER_TOKEN_AT,
     REQUESTS,
     REQUESTS_AT,
+    STORE_ERRORS,
+    STORE_LATENCY,
+    STORE_TRIPS,
     TOKEN_USAGE,
     TOKENS_IN_AT,
     TOKENS_OUT_AT,
@@ -121,4 +124,8 @@ def project(
             else:
                 for i, v in enumerate(values):
                     have[i] += v
+    store = counts.store
+    counters[STORE_TRIPS.name] = {(): float(sum(store.buckets))}
+    counters[STORE_ERRORS.name] = {(): float(store.errors)}
+    histograms[STORE_LATENCY.name] = {(): [*map(float, store.buckets), store.seconds]}
     return counters, histograms

@@ -181,3 +181,18 @@ async def test_the_admin_key_guard(app: Any) -> None:
 async def test_off(app: Any) -> None:
     async with Client(app, None) as c:
         assert (await c.get("/metrics")).status_code == 404
+
+
+async def test_breaker_transitions_and_state(mock: MockOpenAI, second: MockOpenAI) -> None:
+    text = config(mock, second).replace("breaker: {failures: 50}", "breaker: {failures: 2, cooldown_s: 30}")
+    gw = build_app(parse(text, {}))
+    async with gw.lifespan(None):  # type: ignore[arg-type]
+        mock.behave(status=500)
+        async with Client(gw) as c:
+            for _ in range(2):
+                assert (await c.chat(model="main")).status_code == 200  # failed over to two
+        await gw.breakers.flush()
+        exposition = await scrape(gw)
+    assert value(exposition, "gateway_breaker_transitions_total", deployment="one/up-one", state="open") == 1
+    assert value(exposition, "gateway_breaker_state", deployment="one/up-one", state="open") == 1
+    assert value(exposition, "gateway_breaker_state", deployment="two/up-two", state="closed") == 1

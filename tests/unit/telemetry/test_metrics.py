@@ -213,3 +213,28 @@ def test_openmetrics_is_negotiated_by_accept() -> None:
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
     assert render(Counts(), {}, "text/plain")[1].startswith("text/plain")
+
+
+def test_store_round_trips_errors_and_latency_add_up_over_workers() -> None:
+    m = metrics()
+    m.counts.store.observe(0.0007, False)  # le=0.001
+    m.counts.store.observe(0.3, True)  # le=0.5
+    copy = Counts.load(orjson.loads(orjson.dumps(m.counts.dump())))
+    total = Counts()
+    total.add(m.counts)
+    total.add(copy)
+    counters, histograms = project(total, {})
+    assert counters["gateway_store_round_trips"] == {(): 4.0}
+    assert counters["gateway_store_errors"] == {(): 2.0}
+    latency = histograms["gateway_store_round_trip_seconds"][()]
+    assert latency[1] == 2 and latency[9] == 2 and abs(latency[-1] - 2 * 0.3007) < 1e-9
+
+
+def test_breaker_transitions_merge_by_maximum_over_workers() -> None:
+    one, two = Counts(), Counts()
+    one.counters["gateway_breaker_transitions"][("d", "open")] = 3.0  # every worker saw the same changes
+    two.counters["gateway_breaker_transitions"][("d", "open")] = 2.0  # (a replacement worker saw fewer)
+    total = Counts()
+    total.add(one)
+    total.add(two)
+    assert total.counters["gateway_breaker_transitions"] == {("d", "open"): 3.0}
