@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
 
 from gateway import config as config_module
@@ -48,9 +49,9 @@ from gateway.tasks import Background
 from gateway.telemetry import logs
 from gateway.telemetry.access_log import AccessLogMiddleware
 from gateway.telemetry.exposition import MetricsEndpoint
-from gateway.telemetry.metrics import OPERATIONS, TRANSITIONS, Metrics
+from gateway.telemetry.metrics import OPERATIONS, Metrics
 from gateway.telemetry.request_id import RequestIdMiddleware
-from gateway.telemetry.scrape import MetricsService, deployments
+from gateway.telemetry.scrape import MetricsService
 from gateway.telemetry.workers import ENV as METRICS_DIR
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
@@ -174,7 +175,7 @@ class Snapshot:
             if interval
             else None
         )
-        routes = [
+        web_routes: list[BaseRoute] = [
             *self.admin.routes(),
             StarletteRoute("/healthz", self.healthz),
             StarletteRoute("/health/providers", self.health_providers),
@@ -183,22 +184,11 @@ class Snapshot:
             StarletteRoute("/v1/models", self.list_models),
             StarletteRoute("/v1/models/{model:path}", self.get_model),
         ]
-        m = config.metrics
-        if m.enabled:
-            # Both outlive this snapshot's store and breakers, so a reload never takes counts back.
-            self.store.stats = metrics.metrics.counts.store
-            self.breakers.transitions = metrics.metrics.counts.counters[TRANSITIONS.name]
-            metrics.metrics.configure(
-                key_names=m.key_names,
-                max_key_names=m.max_key_names,
-                aliases=aliases,
-                deployments=deployments(aliases),
-                prices=prices,
-            )
-            if m.port is None:
-                routes.append(StarletteRoute("/metrics", MetricsEndpoint(metrics.collect, self.metrics_key)))
+        recorder = metrics.attach(config.metrics, self.store, self.breakers, aliases, prices)
+        if recorder is not None and config.metrics.port is None:
+            web_routes.append(StarletteRoute("/metrics", MetricsEndpoint(metrics.collect, self.metrics_key)))
         starlette = Starlette(
-            routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
+            routes=web_routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
         )
         r = config.router
         # A request lives at most total_s: a lease outliving it by a minute is one a dead replica left.
@@ -242,7 +232,6 @@ class Snapshot:
                 max_age=cors.max_age_s,
             )
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
-        recorder = metrics.metrics if m.enabled else None
         if config.server.access_log or recorder is not None:
             app = AccessLogMiddleware(
                 app, access_log=config.server.access_log, metrics=recorder, operations=OPERATIONS

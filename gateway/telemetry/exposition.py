@@ -9,7 +9,7 @@ required (Authorization: Bearer or x-api-key), compared in constant time.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -91,7 +91,7 @@ def render(
 ) -> tuple[bytes, str]:
     """The exposition in the format `accept` asks for (OpenMetrics or Prometheus text 0.0.4)."""
     encoder, content_type = choose_encoder(accept)
-    return encoder(Families(counts, gauges, deployments or {})), content_type  # type: ignore[arg-type]
+    return encoder(Families(counts, gauges, deployments or {})), content_type
 
 
 class MetricsEndpoint:
@@ -120,9 +120,8 @@ class MetricsEndpoint:
 
 
 async def _answer(
-    send: Send, status: int, content_type: str, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, content_type: str, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
-    headers += extra or []
+    headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body)), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

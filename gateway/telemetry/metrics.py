@@ -291,7 +291,7 @@ class Counts:
     @classmethod
     def load(cls, data: Mapping[str, Any]) -> Counts:
         counts = cls()
-        counts.rows = {tuple(row[:-1]): row[-1] for row in data.get("rows", ())}  # type: ignore[misc]
+        counts.rows = {tuple(row[:-1]): row[-1] for row in data.get("rows", ())}
         for name, rows in data.get("counters", {}).items():
             counts.counters[name] = {tuple(row[:-1]): float(row[-1]) for row in rows}
         if "store" in data:

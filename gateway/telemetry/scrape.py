@@ -26,7 +26,7 @@ from gateway.telemetry.exposition import (
     WORKERS,
     MetricsEndpoint,
 )
-from gateway.telemetry.metrics import PROVIDER_NAMES, Counts, Deployment, Metrics
+from gateway.telemetry.metrics import PROVIDER_NAMES, TRANSITIONS, Counts, Deployment, Metrics
 from gateway.telemetry.server import serve
 from gateway.telemetry.settings import MetricsSettings
 from gateway.telemetry.workers import Gauges, WorkerShare
@@ -53,6 +53,29 @@ class MetricsService:
         self.share = WorkerShare(directory) if directory else None
         self._task: asyncio.Task[None] | None = None
         self._server: asyncio.AbstractServer | None = None
+
+    def attach(
+        self,
+        settings: MetricsSettings,
+        store: Store,
+        breakers: Breakers,
+        routes: Mapping[str, Alias],
+        prices: Mapping[str, tuple[float, float]],
+    ) -> Metrics | None:
+        """Point a new config's store and breakers at the counts; the recorder, or None when off."""
+        if not settings.enabled:
+            return None
+        # The counts outlive this config's store and breakers, so a reload never takes them back.
+        store.stats = self.metrics.counts.store
+        breakers.transitions = self.metrics.counts.counters[TRANSITIONS.name]
+        self.metrics.configure(
+            key_names=settings.key_names,
+            max_key_names=settings.max_key_names,
+            aliases=routes,
+            deployments=deployments(routes),
+            prices=prices,
+        )
+        return self.metrics
 
     async def start(self, settings: MetricsSettings, host: str, admin_key: Callable[[], str | None]) -> None:
         if self.share is not None:

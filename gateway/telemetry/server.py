@@ -57,24 +57,23 @@ async def _exchange(app: ASGIApp, reader: asyncio.StreamReader, writer: asyncio.
         name, _, value = line.partition(b":")
         headers.append((name.strip().lower(), value.strip()))
     scope = {"type": "http", "method": method.decode("latin-1"), "path": path, "headers": headers}
-    answer: dict[str, object] = {}
+    status = 500
+    out = [b""]  # the head's header lines, then the body's pieces
 
     async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: Message) -> None:
+        nonlocal status
         if message["type"] == "http.response.start":
-            answer["status"] = message["status"]
-            answer["headers"] = message.get("headers", [])
+            status = message["status"]
+            out[0] = b"".join(name + b": " + value + b"\r\n" for name, value in message.get("headers", ()))
         else:
-            answer["body"] = answer.get("body", b"") + message.get("body", b"")  # type: ignore[operator]
+            out.append(message.get("body", b""))
 
     await app(scope, receive, send)
-    status: int = answer["status"]  # type: ignore[assignment]
-    head_out = b"HTTP/1.1 %d %s\r\nconnection: close\r\n" % (status, _REASONS.get(status, b""))
-    for name, value in answer["headers"]:  # type: ignore[attr-defined]
-        head_out += name + b": " + value + b"\r\n"
-    writer.write(head_out + b"\r\n" + answer.get("body", b""))  # type: ignore[operator]
+    head = b"HTTP/1.1 %d %s\r\nconnection: close\r\n" % (status, _REASONS.get(status, b""))
+    writer.write(head + out[0] + b"\r\n" + b"".join(out[1:]))
     await writer.drain()
 
 
