@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -48,10 +49,11 @@ def serve(args: argparse.Namespace) -> int:
         print("warning: with the memory store each worker keeps its own state; use Redis", file=sys.stderr)
     # Workers are separate processes: each rebuilds the app from the file via the factory.
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
-    with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as shared:
-        if args.workers > 1:
-            # Workers share their counts through files here, so a scrape sums them; new and empty each run.
-            os.environ[METRICS_DIR] = shared
+    # Workers share their metrics through files there, so a scrape sums them; new and empty each run.
+    shared = tempfile.TemporaryDirectory(prefix="gateway-metrics-") if args.workers > 1 else None
+    with shared or contextlib.nullcontext():
+        if shared is not None:
+            os.environ[METRICS_DIR] = shared.name
         uvicorn.run(
             "gateway.app:app_from_env",
             factory=True,

@@ -101,7 +101,7 @@ class RequestContext:
         # For the metrics and the access log:
         self.attempts: list[tuple[str, str]] = []  # (deployment, outcome) of each upstream attempt
         self.overhead: float | None = None  # seconds in the gateway before the answer's head, upstream out
-        self.first_byte = 0.0  # perf_counter() when a stream's head went out
+        self.first_byte = 0.0  # perf_counter() when a relayed answer's head went out
         self.first_token = 0.0  # perf_counter() when a stream's first event went out
         self.coalesced = False  # answered from another request's flight
         self.refused = ""  # the limit that refused it: its spec label (rpm, tpm, rpd, usd, conc) or quota
