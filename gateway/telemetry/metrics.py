@@ -307,13 +307,13 @@ class LabelCap:
     def __init__(self, limit: int, allowed: Iterable[str] = ()) -> None:
         self.allowed = frozenset(allowed)
         self.limit = limit
-        self.seen: set[str] = set()
+        self.seen: set[str] = set(self.allowed)  # what passes as is: the request path checks it first
 
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value
         if self.allowed:
-            return value if value in self.allowed else OTHER
+            return OTHER
         if len(self.seen) < self.limit:
             self.seen.add(value)
             return value
