@@ -3,6 +3,8 @@ README's PromQL gives the numbers the requests made."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from tests.mock_openai import MockOpenAI
 pytestmark = pytest.mark.e2e
 
 WAIT_S = 30.0
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "gateway-dashboard.json"
 HIT_RATIO = (
     'sum(gateway_cache_lookups_total{result=~"hit|coalesced"}) / sum(gateway_cache_lookups_total{result!="bypass"})'
 )
@@ -113,3 +116,28 @@ def test_prometheus_scrapes_the_gateway(gateway_factory: Any, mock_upstream: Moc
     p99 = query(base, "histogram_quantile(0.99, sum by (le) (gateway_request_duration_seconds_bucket))")
     assert p99 is not None and 0 < p99 <= 81.92
     assert query(base, "gateway_store_up") == 1.0
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    # Grafana's variables, as Grafana would fill them in.
+    return [e.replace("$__rate_interval", "1m").replace("$alias", ".*") for e in exprs]
+
+
+def test_every_dashboard_query_runs_on_metrics_the_gateway_exposes(
+    gateway_factory: Any, mock_upstream: MockOpenAI, prometheus: Any
+) -> None:
+    gw = gateway_factory(default_config(mock_upstream))
+    assert chat(gw).status_code == 200
+    exposed = httpx.get(gw.url + "/metrics", timeout=10).text
+    base = prometheus(gw.port)
+    assert wait_for(base, 'up{job="gateway"}', 1.0) == 1.0
+    queries = dashboard_queries()
+    assert len(queries) >= 13
+    for promql in queries:
+        for name in re.findall(r"\b(?:gateway|gen_ai)_[a-z_]+", promql):
+            family = re.sub(r"_(bucket|count|sum)$", "", name)  # a histogram's samples
+            assert f"# TYPE {family} " in exposed, f"{name} (dashboard) is not a metric the gateway exposes"
+        r = httpx.get(base + "/api/v1/query", params={"query": promql}, timeout=5)
+        assert r.status_code == 200 and r.json()["status"] == "success", (promql, r.text)
