@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -196,3 +198,34 @@ async def test_breaker_transitions_and_state(mock: MockOpenAI, second: MockOpenA
     assert value(exposition, "gateway_breaker_transitions_total", deployment="one/up-one", state="open") == 1
     assert value(exposition, "gateway_breaker_state", deployment="one/up-one", state="open") == 1
     assert value(exposition, "gateway_breaker_state", deployment="two/up-two", state="closed") == 1
+
+
+async def test_in_flight_and_open_streams_while_a_stream_is_relayed(app: Any, mock: MockOpenAI) -> None:
+    # httpx's ASGI transport returns once the app is done, so the stream is driven by hand here.
+    mock.behave(chunks=3, chunk_delay=0.05)
+    body = orjson.dumps({"model": "main", "stream": True, "messages": [{"role": "user", "content": "slow"}]})
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"", "scheme": "http",
+        "headers": [(b"authorization", f"Bearer {KEY_A}".encode()), (b"content-type", b"application/json")],
+    }
+    during: list[tuple[Any, ...]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("more_body") and not during:
+            during.append(await app.metrics.collect())
+
+    await app(scope, receive, send)
+    ((_, gauges, _),) = during
+    assert gauges["gateway_requests_in_flight"] == {(): 1} and gauges["gateway_streams_open"] == {(): 1}
+    assert gauges["gateway_upstream_connections"][("one", "in_use")] == 1
+    after = await scrape(app)
+    assert value(after, "gateway_requests_in_flight") == 0 and value(after, "gateway_streams_open") == 0
+    assert value(after, "gateway_upstream_connections", provider="one", state="in_use") == 0
+    assert value(after, "gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model="up-one") == 1
