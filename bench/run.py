@@ -9,7 +9,8 @@ the gateway back to back, in the opposite order every other round so that drift 
   stream_c8  20-chunk SSE streams, 8 connections: TTFB and total p50, gateway CPU ms per stream
 
 Instead of that suite, `--providers` (bench/providers.py) measures what stream translation costs per
-provider, and `--failover` (bench/failover.py) takes one of two deployments down under load.
+provider, `--failover` (bench/failover.py) takes one of two deployments down under load, and
+`--metrics` (bench/metrics_cost.py) measures the metrics' CPU per request, on against off.
 
 Medians over rounds go to one markdown table on stdout, every round's raw numbers to
 bench/results/<timestamp>.json (server logs and the generated config in bench/results/<timestamp>/).
@@ -36,7 +37,7 @@ import httptools
 import orjson
 import uvloop
 
-from bench import failover, hold, providers, redis_stack
+from bench import failover, hold, metrics_cost, providers, redis_stack
 from bench.harness import (
     GATEWAY_CPU,
     HOST,
@@ -292,7 +293,9 @@ async def run_selected(
         await redis_stack.run(args, logs, record, procs)
     if args.hold:
         await hold.run(args, logs, record, procs)
-    if not (args.providers or args.failover or args.redis or args.hold):
+    if args.metrics:
+        await metrics_cost.run(args, logs, record, procs)
+    if not (args.providers or args.failover or args.redis or args.hold or args.metrics):
         await bench(args, logs, record, procs)
 
 
@@ -340,6 +343,7 @@ def parse_args() -> argparse.Namespace:
     flag("hold", "instead of the suite: 1,000 streams held open 30 s at once (RSS per stream, CPU per chunk)")
     ap.add_argument("--hold-clients", type=int, default=int(env("BENCH_HOLD_CLIENTS", str(hold.CLIENTS))))
     flag("no_heartbeat", "router.heartbeat_s: 0 (streams watched by no heartbeat clock), to measure its cost")
+    flag("metrics", "instead of the suite: CPU per request with metrics on vs off, chat at 32 connections")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.warmup, args.duration = 1, 1.0, 2.0
@@ -398,7 +402,8 @@ def main() -> int:
         for t in TARGETS
     }
     # The failover scenario's failed requests are its result, not a fault of the run.
-    failed = sum(record["errors"].values()) + sum(m.failed(record) for m in (providers, redis_stack, hold))
+    scenarios = (providers, redis_stack, hold, metrics_cost)
+    failed = sum(record["errors"].values()) + sum(m.failed(record) for m in scenarios)
     reasons = [record["aborted"].partition("\n")[0]] if "aborted" in record else []
     if failed:
         reasons.append(f"{failed} failed request(s), see the JSON")
@@ -407,7 +412,7 @@ def main() -> int:
     out = results / f"{stamp}.json"
     out.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
     tables = [render(record)] if record["rounds"] else []
-    extra = tuple(m.render(record) for m in (providers, failover, redis_stack, hold))
+    extra = tuple(m.render(record) for m in (providers, failover, redis_stack, hold, metrics_cost))
     tables += [table for table in extra if table]
     if record["flagged"]:
         tables.append(f"**FLAGGED**: {record['flagged']}")

@@ -4,6 +4,8 @@
         HotRoutes -> Forward     (POST /v1/<operation>)
                   -> Starlette   (/v1/models, /admin, health)
 
+AccessLog also records each request's metrics; GET /metrics is a Starlette route (or on its own port).
+
 The few hot routes are dispatched by one dict lookup before any general
 router; Starlette serves the rest and runs the lifespan (pools, store).
 """
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
 
 from gateway import config as config_module
@@ -46,7 +49,11 @@ from gateway.store import Store, StoreError, Subscription, store_from_url
 from gateway.tasks import Background
 from gateway.telemetry import logs, tracing
 from gateway.telemetry.access_log import AccessLogMiddleware
+from gateway.telemetry.exposition import MetricsEndpoint
+from gateway.telemetry.metrics import OPERATIONS, Metrics
 from gateway.telemetry.request_id import RequestIdMiddleware
+from gateway.telemetry.scrape import MetricsService
+from gateway.telemetry.workers import ENV as METRICS_DIR
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import Timeouts, UpstreamPool
 from gateway.validation.head import HeadLimitMiddleware
@@ -87,7 +94,7 @@ class Snapshot:
     A reload builds a new one, reusing the store and the pools whose config did not change.
     """
 
-    def __init__(self, config: Config, previous: Snapshot | None = None) -> None:
+    def __init__(self, config: Config, metrics: MetricsService, previous: Snapshot | None = None) -> None:
         self.config = config
         self.created = int(time.time())
         self.inflight = 0  # requests being served by this snapshot
@@ -183,7 +190,7 @@ class Snapshot:
             if interval
             else None
         )
-        routes = [
+        web_routes: list[BaseRoute] = [
             *self.admin.routes(),
             StarletteRoute("/healthz", self.healthz),
             StarletteRoute("/health/providers", self.health_providers),
@@ -192,8 +199,11 @@ class Snapshot:
             StarletteRoute("/v1/models", self.list_models),
             StarletteRoute("/v1/models/{model:path}", self.get_model),
         ]
+        recorder = metrics.attach(config.telemetry.metrics, self.store, self.breakers, aliases, prices)
+        if recorder is not None and config.telemetry.metrics.port is None:
+            web_routes.append(StarletteRoute("/metrics", MetricsEndpoint(metrics.collect, self.metrics_key)))
         starlette = Starlette(
-            routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
+            routes=web_routes, exception_handlers={HTTPException: _http_exception, Exception: _server_error}
         )
         r = config.router
         # A request lives at most total_s: a lease outliving it by a minute is one a dead replica left.
@@ -245,7 +255,15 @@ class Snapshot:
             app, max_line_bytes=server.max_header_line_bytes, max_head_bytes=server.max_head_bytes
         )
         app = RequestIdMiddleware(app, hot_paths=HOT_ROUTES)
-        self.app = AccessLogMiddleware(app) if config.server.access_log else app
+        if config.server.access_log or recorder is not None:
+            app = AccessLogMiddleware(
+                app, access_log=config.server.access_log, metrics=recorder, operations=OPERATIONS
+            )
+        self.app = app
+
+    def metrics_key(self) -> str | None:
+        """The key GET /metrics needs, None when it is open (an empty admin key refuses everyone)."""
+        return self.config.auth.admin_key if self.config.telemetry.metrics.auth == "admin" else None
 
     async def start(self) -> None:
         try:
@@ -362,7 +380,8 @@ class Gateway:
 
     def __init__(self, config: Config, path: str | None = None) -> None:
         self.path = path
-        self.snapshot = Snapshot(config)
+        self.metrics = MetricsService(Metrics(), lambda: self.snapshot, os.environ.get(METRICS_DIR))
+        self.snapshot = Snapshot(config, self.metrics)
         self.snapshot.admin.reloader = self.reload_everywhere
         self._background = Background()
         self._id = os.urandom(8).hex().encode()  # tells this process's own reload broadcasts apart
@@ -397,6 +416,11 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _: object = None) -> AsyncIterator[None]:
         await self.snapshot.start()
+        config = self.snapshot.config
+        if config.telemetry.metrics.enabled:
+            # The port and the sharing are the start's: a reload changes neither.
+            settings = config.telemetry.metrics
+            await self.metrics.start(settings, config.server.host, lambda: self.snapshot.metrics_key())
         await self._listen_for_reloads()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(RuntimeError):  # no signal handlers off the main thread
@@ -409,6 +433,7 @@ class Gateway:
             if self._reloads is not None:
                 await self._reloads.aclose()
             await self._background.wait()
+            await self.metrics.aclose()
             await self.snapshot.aclose()
 
     async def reload(self) -> list[str]:
@@ -420,7 +445,7 @@ class Gateway:
         except config_module.ConfigError as exc:
             return exc.problems
         old = self.snapshot
-        new = Snapshot(config, previous=old)
+        new = Snapshot(config, self.metrics, previous=old)
         new.admin.reloader = self.reload_everywhere
         await new.start()
         self.snapshot = new  # one assignment: every later request sees the new config

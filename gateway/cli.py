@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from gateway import config as config_module
 from gateway.admin import cli as admin_cli
+from gateway.telemetry.workers import ENV as METRICS_DIR
 
 
 def _load(path: str, *, warn: bool = True) -> config_module.Config | None:
@@ -46,22 +49,28 @@ def serve(args: argparse.Namespace) -> int:
         print("warning: with the memory store each worker keeps its own state; use Redis", file=sys.stderr)
     # Workers are separate processes: each rebuilds the app from the file via the factory.
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
-    uvicorn.run(
-        "gateway.app:app_from_env",
-        factory=True,
-        host=args.host or config.server.host,
-        port=config.server.port if args.port is None else args.port,
-        workers=args.workers,
-        loop="uvloop",
-        # httptools, bounding a head while it arrives; the bound travels to every worker in uvicorn's
-        # own setting for the same thing (the h11 protocol's name for it).
-        http="gateway.validation.protocol:BoundedHttpToolsProtocol",
-        h11_max_incomplete_event_size=config.server.max_head_bytes,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=30,
-    )
+    # Workers share their metrics through files there, so a scrape sums them; new and empty each run.
+    shared = tempfile.TemporaryDirectory(prefix="gateway-metrics-") if args.workers > 1 else None
+    with shared or contextlib.nullcontext():
+        if shared is not None:
+            os.environ[METRICS_DIR] = shared.name
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=args.host or config.server.host,
+            port=config.server.port if args.port is None else args.port,
+            workers=args.workers,
+            loop="uvloop",
+            # httptools, bounding a head while it arrives; the bound travels to every worker in
+            # uvicorn's own setting for the same thing (the h11 protocol's name for it).
+            http="gateway.validation.protocol:BoundedHttpToolsProtocol",
+            h11_max_incomplete_event_size=config.server.max_head_bytes,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=30,
+        )
+        os.environ.pop(METRICS_DIR, None)  # the directory is gone with this block
     return 0
 
 

@@ -19,6 +19,7 @@ import yaml
 from gateway.auth.jwt import JWTIssuer
 from gateway.providers import KINDS, AnyProvider, ProviderConfig
 from gateway.routing.breaker import BreakerSettings
+from gateway.telemetry.settings import MetricsSettings
 
 log = logging.getLogger("gateway.config")
 
@@ -177,6 +178,7 @@ class TracingConfig(Struct):
 
 
 class TelemetryConfig(Struct):
+    metrics: MetricsSettings = MetricsSettings()
     tracing: TracingConfig = TracingConfig()
 
 
@@ -293,6 +295,8 @@ def _cross_check(config: Config) -> list[str]:
                 problems.append(f"{path}.model_limits.{alias}: unknown model '{alias}'")
             elif limits.concurrency:
                 problems.append(f"{path}.model_limits.{alias}.concurrency: set it in the key's limits")
+    if config.telemetry.metrics.auth == "admin" and not config.auth.admin_key:
+        problems.append("telemetry.metrics.auth: 'admin' needs auth.admin_key")
     if config.auth.admin_key and len(config.auth.admin_key) < MIN_KEY_CHARS:
         problems.append(f"auth.admin_key: shorter than {MIN_KEY_CHARS} characters")
     if config.auth.hash_secret and len(config.auth.hash_secret) < 32:

@@ -53,17 +53,23 @@ class Lookup:
 class RequestContext:
     __slots__ = (
         "admission",
+        "attempts",
         "body",
         "cache",
+        "coalesced",
         "complete",
         "deployment",
         "extra_headers",
+        "first_byte",
+        "first_token",
         "identity",
         "lookup",
         "model",
         "operation",
+        "overhead",
         "plan",
         "policy",
+        "refused",
         "request_id",
         "responded",
         "started",
@@ -72,6 +78,7 @@ class RequestContext:
         "tokens",
         "trace",
         "usage",
+        "without_store",
     )
 
     def __init__(self, request_id: bytes, started: float) -> None:
@@ -95,6 +102,14 @@ class RequestContext:
         self.admission: Admission | None = None  # what the limits charged, to settle afterwards
         self.trace: RequestTrace | None = None  # the request's spans, when tracing is on
         self.lookup: Lookup | None = None  # the cache lookup, planned before admission to share its trip
+        # For the metrics and the access log:
+        self.attempts: list[tuple[str, str]] = []  # (deployment, outcome) of each upstream attempt
+        self.overhead: float | None = None  # seconds in the gateway before the answer's head, upstream out
+        self.first_byte = 0.0  # perf_counter() when a relayed answer's head went out
+        self.first_token = 0.0  # perf_counter() when a stream's first event went out
+        self.coalesced = False  # answered from another request's flight
+        self.refused = ""  # the limit that refused it: its spec label (rpm, tpm, rpd, usd, conc) or quota
+        self.without_store: tuple[str, ...] = ()  # concerns (limits, cache) that decided without the store
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Headers every response carries."""

@@ -298,6 +298,7 @@ class CacheMiddleware:
                 reply = await self.cache.store.run(*lookup.call)
             except StoreError as exc:
                 self.cache.outage_seen(exc)
+                ctx.without_store += ("cache",)
                 if self.cache.outage == "closed":
                     unavailable = ServiceUnavailable(
                         "The response cache is unavailable; try again shortly.", code="cache_unavailable"
@@ -334,6 +335,7 @@ class CacheMiddleware:
                 return
             try:
                 if await self.follow(ctx, receive, send, self.cache.follow(lock, token, deadline)):
+                    ctx.coalesced = True
                     return
                 break  # the flight's answer does not convert to this request's mode
             except FlightLost:

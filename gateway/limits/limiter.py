@@ -164,6 +164,7 @@ class Limiter:
         if not admitted:
             every = [*required, *(s for r in alternatives for s in r.quota)]
             spec = every[refused - 1]
+            ctx.refused = "quota" if refused > len(required) else spec.label
             raise _refusal(spec, reset_ms, refused > len(required), ctx.model, self._amount(spec, admission))
         admission.lease = next((s for s in required if s.kind == LEASE), None)
         admission.charges += [(s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE]
@@ -246,6 +247,7 @@ class Limiter:
         self, ctx: RequestContext, required: tuple[Spec, ...], admission: Admission, exc: StoreError
     ) -> Admission | None:
         self._log_outage(exc)
+        ctx.without_store += ("limits",)
         budgets = sum(spec.counts == COST for spec in required)
         if budgets and self.ledger is None:
             raise ServiceUnavailable(
@@ -260,6 +262,7 @@ class Limiter:
         refused = self._local.admit(required, admission, self.ledger)
         if refused is not None:
             spec, reset_ms = refused
+            ctx.refused = spec.label
             raise _refusal(spec, reset_ms, False, ctx.model, self._amount(spec, admission))
         admission.local = True
         return admission

@@ -180,6 +180,8 @@ class Breakers:
         self._resubscriber: asyncio.Task[None] | None = None
         self._warned_at = -math.inf
         self._closed = False
+        # (deployment, state entered) -> changes applied here; the app hands in a dict that outlives reloads.
+        self.transitions: dict[tuple[str, ...], float] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -446,6 +448,9 @@ class Breakers:
         if state is None:
             return
         if not shared or version > breaker.version:
+            if state is not breaker.state:
+                entered = (breaker.deployment, state)
+                self.transitions[entered] = self.transitions.get(entered, 0.0) + 1
             breaker.state = state
             breaker.version = version if shared else 0
             breaker.opened_ms, breaker.cooldown_ms = reply[3], reply[4]

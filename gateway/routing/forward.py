@@ -189,6 +189,7 @@ class Forward:
             try:
                 payload = adapter.encode_body(op, ctx.body, route.target)
             except GatewayError as exc:
+                ctx.attempts.append((route.id, "invalid"))
                 if attempts == 1:
                     await send_error(ctx, send, exc)  # the client's request: no other deployment changes that
                     return
@@ -207,6 +208,7 @@ class Forward:
             except UpstreamError as exc:
                 rid = ctx.request_id.decode()
                 log.warning("upstream %s failed (request %s): %s", route.id, rid, exc.message)
+                ctx.attempts.append((route.id, "timeout" if isinstance(exc, UpstreamTimeout) else "error"))
                 self.breakers.note_error(route.id, exc.message)
                 self.breakers.record(route.id, Outcome.FAILURE, probe=probe)
                 if trace is not None and span is not None:
@@ -220,6 +222,7 @@ class Forward:
             route.observe(waited)
             try:
                 if response.status < 400:
+                    ctx.attempts.append((route.id, "ok"))
                     self.breakers.record(route.id, Outcome.SUCCESS, probe=probe)
                     await self.relay(ctx, route, response, send, waited, attempts)
                     return
@@ -228,6 +231,7 @@ class Forward:
                 await response.aclose()
                 if trace is not None and span is not None:
                     trace.end_attempt(span, response.status, usage=ctx.usage)
+            ctx.attempts.append((route.id, str(failed.status)))
             outcome = Outcome.of_status(failed.status)
             self.breakers.record(route.id, outcome, probe=probe)
             last = failed
@@ -286,13 +290,15 @@ class Forward:
             except GatewayError as exc:
                 await send_error(ctx, send, exc)
                 return
+        now = time.perf_counter()
+        ctx.overhead = now - ctx.started - waited
         if not ctx.responded:  # else heartbeats sent the head (and nothing awaits between check and send)
-            overhead_ms = (time.perf_counter() - ctx.started - waited) * 1000
             headers += ctx.headers()
             headers += self.route_info(route, attempts)
-            headers.append((b"x-gateway-overhead-ms", b"%.3f" % overhead_ms))
+            headers.append((b"x-gateway-overhead-ms", b"%.3f" % (ctx.overhead * 1000)))
             ctx.responded = True
             ctx.status = response.status
+            ctx.first_byte = now
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if body is not None:
             self.count(ctx, find_usage(body))  # before the end goes out: a client that saw it sees it counted
@@ -308,6 +314,8 @@ class Forward:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not events:
+                    ctx.first_token = time.perf_counter()
                 events += chunk.count(b"data:")
                 previous, last = last, chunk
         except UpstreamError as exc:

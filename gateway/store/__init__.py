@@ -16,6 +16,7 @@ from gateway.store.base import (
     ScriptArg,
     Store,
     StoreError,
+    StoreStats,
     Subscription,
     lua_source,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ScriptArg",
     "Store",
     "StoreError",
+    "StoreStats",
     "Subscription",
     "lua_source",
     "store_from_url",

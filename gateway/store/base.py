@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 from abc import ABC, abstractmethod
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from importlib import resources
 from types import TracebackType
@@ -113,6 +114,29 @@ def lua_source(package: str, *names: str) -> str:
 Call = tuple[Script, Sequence[str], Sequence[ScriptArg]]  # one script run: script, KEYS, ARGV
 
 
+STORE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class StoreStats:
+    """A backend's round trips on the request path (scripts, get, set), for the metrics to read.
+
+    Kept by whoever outlives the store (the metrics), so a reload that builds a
+    new store does not start the counts again.
+    """
+
+    __slots__ = ("buckets", "errors", "seconds")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(STORE_SECONDS) + 1)  # round trips per `le` bucket, +Inf last
+        self.seconds = 0.0
+        self.errors = 0  # of them, those that failed (unreachable, timed out, connection lost)
+
+    def observe(self, seconds: float, failed: bool) -> None:
+        self.buckets[bisect_left(STORE_SECONDS, seconds)] += 1
+        self.seconds += seconds
+        self.errors += failed
+
+
 class Subscription(ABC):
     """A live subscription returned by `Store.subscribe`."""
 
@@ -123,6 +147,8 @@ class Subscription(ABC):
 
 class Store(ABC):
     """Shared state of the gateway. Every method is a coroutine; failures raise `StoreError`."""
+
+    stats: StoreStats | None = None  # set by the app to count round trips; the memory store makes none
 
     # -- lifecycle ---------------------------------------------------------
 

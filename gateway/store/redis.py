@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -143,14 +144,32 @@ class RedisStore(Store):
     def _error(self, action: str, exc: BaseException) -> StoreError:
         return StoreError(_redact(f"redis {action} failed: {type(exc).__name__}: {exc}", self._secrets))
 
+    def _observe(self, started: float, failed: bool) -> None:
+        if self.stats is not None:
+            self.stats.observe(time.perf_counter() - started, failed)
+
     async def _lean_call(self, lean: RespClient, action: str, args: Sequence[ScriptArg]) -> Any:
         """One command on the lean client; an error reply or a failure is a `StoreError`."""
+        started = time.perf_counter()
         try:
             reply = await lean.execute(encode(args))
         except StoreError as exc:
+            self._observe(started, True)
             raise self._error(action, exc) from exc
+        self._observe(started, False)
         if isinstance(reply, ReplyError):
             raise self._error(action, reply)
+        return reply
+
+    async def _driver_call(self, action: str, call: Awaitable[Any]) -> Any:
+        """A request-path command on redis.asyncio (no lean client: TLS), counted like a lean one."""
+        started = time.perf_counter()
+        try:
+            reply = await call
+        except _DRIVER_ERRORS as exc:
+            self._observe(started, True)
+            raise self._error(action, exc) from exc
+        self._observe(started, False)
         return reply
 
     # -- lifecycle ---------------------------------------------------------
@@ -183,10 +202,7 @@ class RedisStore(Store):
     async def get(self, key: str) -> bytes | None:
         if self._lean is not None:
             return cast("bytes | None", await self._lean_call(self._lean, "GET", ("GET", key)))
-        try:
-            value = await self._client.get(key)
-        except _DRIVER_ERRORS as exc:
-            raise self._error("GET", exc) from exc
+        value = await self._driver_call("GET", self._client.get(key))
         return cast("bytes | None", value)  # decode_responses=False: never str
 
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None, nx: bool = False) -> bool:
@@ -198,11 +214,8 @@ class RedisStore(Store):
             if nx:
                 command.append("NX")
             return await self._lean_call(self._lean, "SET", command) is not None  # OK, or nil under NX
-        try:
-            reply = await self._client.set(key, value, px=None if ttl_s is None else ttl_ms(ttl_s), nx=nx)
-        except _DRIVER_ERRORS as exc:
-            raise self._error("SET", exc) from exc
-        return bool(reply)
+        px = None if ttl_s is None else ttl_ms(ttl_s)
+        return bool(await self._driver_call("SET", self._client.set(key, value, px=px, nx=nx)))
 
     async def delete(self, *keys: str) -> int:
         if not keys:
@@ -284,10 +297,13 @@ class RedisStore(Store):
         if not calls:
             return []
         loaded = self._loaded
+        started = time.perf_counter()
         try:
             replies = await self._send(calls, [script for script, _, _ in calls if script.sha not in loaded])
         except (StoreError, *_DRIVER_ERRORS) as exc:
+            self._observe(started, True)
             raise self._error(_scripts(calls), exc) from exc
+        self._observe(started, False)
         for reply in replies:
             if isinstance(reply, Exception):
                 return await self._settle(calls, replies)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from gateway.store import MemoryStore, RedisStore, Script, Store, StoreError, store_from_url
+from gateway.store import MemoryStore, RedisStore, Script, Store, StoreError, StoreStats, store_from_url
 
 from . import bounded, eventually, redis_stores
 from .test_store import CAPPED_INCR, ECHO
@@ -186,3 +186,24 @@ async def test_full_pool_waits_instead_of_failing(redis_url: str) -> None:
             for _ in range(10):
                 tg.start_soon(get)
         assert results == [b"v"] * 10
+
+
+@redis_stores
+class TestStats:
+    async def test_round_trips_on_the_request_path_are_counted(self, store: Store) -> None:
+        store.stats = stats = StoreStats()
+        await store.set("k", b"v")
+        assert await store.get("k") == b"v"
+        await store.run_many([(CAPPED_INCR, ["c"], [1, 1000]), (ECHO, ["k"], ["a"])])  # one trip
+        await store.incr("counted-elsewhere")  # off the request path: redis.asyncio, not counted
+        assert sum(stats.buckets) == 3 and stats.errors == 0 and stats.seconds > 0
+
+
+@bounded
+async def test_failed_round_trips_count_as_errors(free_tcp_port: int) -> None:
+    async with store_from_url(f"redis://127.0.0.1:{free_tcp_port}/0", timeout_s=0.2) as store:
+        store.stats = stats = StoreStats()
+        for call in (lambda: store.get("k"), lambda: store.run(CAPPED_INCR, ["c"], [1, 1000])):
+            with pytest.raises(StoreError):
+                await call()
+    assert sum(stats.buckets) == 2 and stats.errors == 2

@@ -535,6 +535,7 @@ def test_public_surface() -> None:
         "ScriptArg",
         "Store",
         "StoreError",
+        "StoreStats",
         "Subscription",
         "lua_source",
         "store_from_url",

@@ -140,7 +140,9 @@ class GatewayLauncher:
         self.directory = directory
         self.started: list[GatewayProcess] = []
 
-    def start(self, config: dict[str, Any] | str, env: dict[str, str] | None = None) -> GatewayProcess:
+    def start(
+        self, config: dict[str, Any] | str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> GatewayProcess:
         n = len(self.started)
         config_path = self.directory / f"gateway-{n}.yaml"
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
@@ -150,7 +152,7 @@ class GatewayLauncher:
         port = free_port()
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port)],
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port), *args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -57,7 +58,16 @@ def test_serve_runs_uvicorn_with_overrides(tmp_path: Path, monkeypatch: pytest.M
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    shared: list[str] = []
+
+    def run(app: str, **kw: object) -> None:
+        calls.append((app, kw))
+        directory = os.environ.get("GATEWAY_METRICS_DIR")
+        if directory is not None:  # the workers' metrics directory: there and empty while they run
+            assert os.listdir(directory) == []
+            shared.append(directory)
+
+    monkeypatch.setattr(uvicorn, "run", run)
     monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
     path = write(tmp_path, GOOD)
     assert cli.main(["serve", "--config", path, "--port", "9123", "--workers", "2"]) == 0
@@ -66,9 +76,11 @@ def test_serve_runs_uvicorn_with_overrides(tmp_path: Path, monkeypatch: pytest.M
     assert kw["port"] == 9123 and kw["host"] == "127.0.0.1" and kw["workers"] == 2
     assert kw["loop"] == "uvloop" and kw["http"] == "gateway.validation.protocol:BoundedHttpToolsProtocol"
     assert kw["h11_max_incomplete_event_size"] == 32768  # the head bound, carried to every worker
-    import os
 
     assert os.environ["GATEWAY_CONFIG"] == path
+    assert len(shared) == 1 and not os.path.exists(shared[0]) and "GATEWAY_METRICS_DIR" not in os.environ
+    assert cli.main(["serve", "--config", path]) == 0  # one worker: nothing to share
+    assert len(shared) == 1
 
 
 def test_workers_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:

@@ -255,3 +255,14 @@ def test_head_bounds_default_to_nginx_and_are_checked_together() -> None:
     assert problems(BASE.replace("max_body_bytes: 1048576", "max_body_bytes: 1048576, max_head_bytes: 0")) == [
         "server.max_head_bytes: Expected `int` >= 1"
     ]
+
+
+def test_metrics_settings_and_the_admin_guard_needs_an_admin_key() -> None:
+    config = parse("telemetry: {metrics: {port: 9464, key_names: [ops], max_key_names: 5}}\n", {})
+    assert config.telemetry.metrics.enabled and config.telemetry.metrics.port == 9464 and config.telemetry.metrics.key_names == ["ops"]
+    with pytest.raises(ConfigError) as err:
+        parse("telemetry: {metrics: {auth: admin}}\n", {})
+    assert "telemetry.metrics.auth: 'admin' needs auth.admin_key" in err.value.problems
+    with pytest.raises(ConfigError) as err:
+        parse("telemetry: {metrics: {share_interval_s: 0, typo: 1}}\n", {})
+    assert any(p.startswith("telemetry.metrics") for p in err.value.problems)
