@@ -68,7 +68,7 @@ def test_a_scrape_sums_the_workers_and_survives_one_dying(gateway_factory: Any, 
     config = default_config(mock_upstream)
     config["telemetry"] = {"metrics": {"share_interval_s": 0.1, "port": free_port()}}
     gw = gateway_factory(config, args=("--workers", "2"))
-    metrics_url = f"http://127.0.0.1:{config['metrics']['port']}/metrics"
+    metrics_url = f"http://127.0.0.1:{config['telemetry']['metrics']['port']}/metrics"
     assert wait_for(lambda: len(workers_of(gw)) == 2)
     chat_on_new_connections(gw, REQUESTS)
 
