@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.example.yaml
 
-.PHONY: run test bench check-config clean
+.PHONY: run test bench observe check-config clean
 
 # Debian's python3 lacks ensurepip until python3-venv is installed; install it when we can.
 $(BIN)/python:
@@ -31,6 +31,11 @@ test: $(VENV)/.test
 # gateway vs direct on a mock upstream, ~3.5 min; BENCH_ARGS=--quick for a smoke run (~20 s)
 bench: $(VENV)/.runtime
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# the observability proofs, verbose: a real Prometheus over 2 replicas (one with 2 workers) on a real
+# Redis answering the dashboard's queries, and OTLP traces decoded as a collector would (~1 min)
+observe: $(VENV)/.test
+	$(BIN)/pytest -v tests/e2e/test_metrics_prometheus.py tests/e2e/test_tracing.py tests/e2e/test_metrics_workers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .coverage

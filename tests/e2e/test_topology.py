@@ -742,3 +742,54 @@ def test_dockerfile_shape() -> None:
     ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert ".venv" in ignored or ".venv/" in ignored
     assert not {"gateway", "pyproject.toml", "constraints.txt", "README.md"} & set(ignored)
+
+
+def test_the_observability_profile_scrapes_every_replica_and_provisions_the_dashboard() -> None:
+    compose = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    services = compose["services"]
+    gateways = sorted(name for name in services if name.startswith("gateway-"))
+    profiled = {name for name, s in services.items() if "observability" in s.get("profiles", ())}
+    assert profiled == {"prometheus", "grafana", "jaeger"}  # `docker compose up` alone starts none
+    # Prometheus scrapes each replica itself, never nginx (one scrape = one replica).
+    prometheus_yml = ROOT / "deploy" / "prometheus.yml"
+    scrape = yaml.safe_load(prometheus_yml.read_text(encoding="utf-8"))
+    (job,) = scrape["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert [t for c in job["static_configs"] for t in c["targets"]] == [f"{g}:8080" for g in gateways]
+    assert any(
+        "deploy/prometheus.yml:/etc/prometheus/prometheus.yml" in v for v in services["prometheus"]["volumes"]
+    )
+    promtool = debian_executable("promtool", "prometheus")
+    checked = subprocess.run(
+        [promtool, "check", "config", str(prometheus_yml)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Grafana gets the data source and the dashboard the metrics tests check.
+    mounts = services["grafana"]["volumes"]
+    assert (
+        "./deploy/grafana/gateway-dashboard.json:/var/lib/grafana/dashboards/gateway-dashboard.json:ro"
+        in mounts
+    )
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "gateway.yaml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    # Traces: the replicas take the standard OTLP variable, empty (off) unless .env sets it.
+    for name in gateways:
+        assert (
+            services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+        )
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    # The UIs have no auth of their own: published on loopback only.
+    for name in profiled:
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name].get("ports", ()))
+
+
+def test_k8s_pods_carry_the_scrape_annotations() -> None:
+    deployment = yaml.safe_load((K8S_DIR / "deployment.yaml").read_text(encoding="utf-8"))
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway"]
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) in ports
