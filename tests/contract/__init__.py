@@ -19,8 +19,10 @@ STORES = {
     "memory": pytest.param("memory_store", id="memory"),
     "fakeredis": pytest.param("fakeredis_store", id="fakeredis"),
     "redis": pytest.param("redis_store", marks=pytest.mark.redis, id="redis"),
+    "redis-tls": pytest.param("tls_redis_store", marks=pytest.mark.redis, id="redis-tls"),
+    "redis-sentinel": pytest.param("sentinel_store", marks=pytest.mark.redis, id="redis-sentinel"),
 }
-REDIS_STORES = [STORES["fakeredis"], STORES["redis"]]
+REDIS_STORES = [STORES[name] for name in ("fakeredis", "redis", "redis-tls", "redis-sentinel")]
 
 TEST_TIMEOUT_S = 10.0
 

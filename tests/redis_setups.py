@@ -1,0 +1,200 @@
+"""Real Redis set-ups beyond one node, for the store's tests: TLS with a test CA, and Sentinel.
+
+Everything runs from Debian's packages (`redis-server`, `redis-sentinel`, `openssl`) on
+loopback ports, started by fixtures in tests/conftest.py and killed after.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import RedisServer, free_port
+
+_START_TIMEOUT_S = 15.0
+SERVICE = "gw-primary"
+
+
+@dataclass(frozen=True)
+class TestPKI:
+    """A test CA, a server certificate for `localhost` only, a client certificate, and a CA that signed neither."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+    @classmethod
+    def make(cls, openssl: str, folder: Path) -> TestPKI:
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+        for ca in ("ca", "other-ca"):
+            run(
+                "req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN=gateway {ca}",
+            )  # fmt: skip
+        (folder / "server.ext").write_text("subjectAltName=DNS:localhost\n")
+        (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+        for name, subject in (("server", "/CN=localhost"), ("client", "/CN=gateway")):
+            run("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", "-subj", subject)  # fmt: skip
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")  # fmt: skip
+        return cls(
+            ca=folder / "ca.crt",
+            server_cert=folder / "server.crt",
+            server_key=folder / "server.key",
+            client_cert=folder / "client.crt",
+            client_key=folder / "client.key",
+            other_ca=folder / "other-ca.crt",
+        )
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+class TLSRedisServer(RedisServer):
+    """A redis-server that speaks TLS only, requiring a client certificate; its name is `localhost`."""
+
+    def __init__(self, executable: str, workdir: Path, pki: TestPKI) -> None:
+        self.pki = pki
+        super().__init__(executable, workdir)
+        self.options = {
+            "port": "0",
+            "tls-port": str(self.port),
+            "tls-cert-file": str(pki.server_cert),
+            "tls-key-file": str(pki.server_key),
+            "tls-ca-cert-file": str(pki.ca),
+            "tls-auth-clients": "yes",
+        }
+
+    @property
+    def url(self) -> str:
+        return (
+            f"rediss://localhost:{self.port}/0?ssl_ca={self.pki.ca}"
+            f"&ssl_cert={self.pki.client_cert}&ssl_key={self.pki.client_key}"
+        )
+
+    def _answers_ping(self) -> bool:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
+                self.pki.client_context().wrap_socket(raw, server_hostname="localhost") as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="localhost",
+            port=self.port,
+            ssl=True,
+            ssl_ca_certs=str(self.pki.ca),
+            ssl_certfile=str(self.pki.client_cert),
+            ssl_keyfile=str(self.pki.client_key),
+        )
+
+
+class SentinelSetup:
+    """One primary, two replicas and three sentinels (quorum 2) watching them as `SERVICE`."""
+
+    def __init__(self, redis_executable: str, sentinel_executable: str, workdir: Path) -> None:
+        self.sentinel_executable = sentinel_executable
+        self.workdir = workdir
+        self.nodes = [RedisServer(redis_executable, workdir / f"node{i}") for i in range(3)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        primary = self.nodes[0]
+        for node in self.nodes:
+            node.workdir.mkdir(parents=True, exist_ok=True)
+            if node is not primary:
+                node.options = {"replicaof": f"127.0.0.1 {primary.port}"}
+            node.start()
+        for port in self.sentinel_ports:
+            folder = self.workdir / f"sentinel{port}"
+            folder.mkdir()
+            config = folder / "sentinel.conf"
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} 500\n"
+                f"sentinel failover-timeout {SERVICE} 5000\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [self.sentinel_executable, str(config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        """Until every replica is in sync and every sentinel knows both replicas and the other sentinels."""
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not self._ready():
+            if time.monotonic() > deadline:
+                logs = [path.read_text(errors="replace")[-1500:] for path in self.workdir.glob("*/*.log")]
+                self.stop()
+                pytest.fail("the sentinel set-up did not come up:\n" + "\n---\n".join(logs))
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        try:
+            for node in self.nodes[1:]:
+                with node.client() as client:
+                    if client.info("replication").get("master_link_status") != "up":
+                        return False
+            for port in self.sentinel_ports:
+                with redis.Redis(host="127.0.0.1", port=port, decode_responses=True) as client:
+                    state = client.sentinel_master(SERVICE)
+                    if (int(state["num-slaves"]), int(state["num-other-sentinels"])) != (2, 2):
+                        return False
+        except (redis.RedisError, OSError):
+            return False
+        return True
+
+    def primary(self) -> RedisServer:
+        """The node the sentinels name as primary now."""
+        with redis.Redis(host="127.0.0.1", port=self.sentinel_ports[0]) as client:
+            _, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        return next(node for node in self.nodes if node.port == int(port))
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=_START_TIMEOUT_S)
+        self.sentinels = []
+        for node in self.nodes:
+            node.stop()
