@@ -146,7 +146,7 @@ class SentinelSetup:
             config.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} 500\n"
+                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 5000\n"
             )
             self.sentinels.append(

@@ -7,7 +7,7 @@ promoted replica as soon as the sentinels name it; the lean client then checks R
 and a READONLY reply on either client retires the connection (see resp.py, connect.py).
 
 Once `on_switch` is set, the first `primary()` starts a task that listens for
-+switch-master on one sentinel at a time and calls it, to drop the connections to the
++promoted-slave and +switch-master on one sentinel at a time and calls it, to drop the connections to the
 old primary at once: a primary cut off by a partition is still alive, and until
 Sentinel demotes it nothing else would tell its clients to move.
 """
@@ -26,6 +26,9 @@ from gateway.store.resp import ReplyError, RespClient, encode
 
 logger = logging.getLogger("gateway.store")
 
+# +promoted-slave comes when the replica has taken over, which is when the sentinels start
+# naming it; +switch-master only once the other replicas follow it, seconds later.
+_EVENTS = ("+promoted-slave", "+switch-master")
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 2.0
 
@@ -108,29 +111,26 @@ class Sentinels:
             )
         try:
             parser = hiredis.Reader()
-            setup: list[tuple[ScriptArg, ...]] = [("SUBSCRIBE", "+switch-master")]
+            setup: list[tuple[ScriptArg, ...]] = [("SUBSCRIBE", *_EVENTS)]
             if self._password:
                 user = (self._username,) if self._username else ()
                 setup.insert(0, ("AUTH", *user, self._password))
             writer.write(b"".join(encode(command) for command in setup))
             async with asyncio.timeout(self._timeout_s):
-                for _ in setup:
+                for _ in range(len(setup) - 1 + len(_EVENTS)):  # SUBSCRIBE confirms each channel
                     reply = await _next(reader, parser)
                     if isinstance(reply, ReplyError):
                         raise StoreError(f"sentinel {host}:{port} refused the subscription: {reply}")
             self._delay = _BACKOFF_MIN_S
             while True:
                 message = await _next(reader, parser)
-                # ["message", "+switch-master", "<service> <old ip> <old port> <new ip> <new port>"]
-                if (
-                    isinstance(message, list)
-                    and len(message) == 3
-                    and message[0] == b"message"
-                    and message[2].split(b" ", 1)[0].decode() == self.service
-                ):
-                    failover = message[2].decode()
-                    logger.warning("store: sentinel reports a failover of %r: %s", self.service, failover)
-                    await on_switch()
+                if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+                    event, text = message[1].decode(), message[2].decode()
+                    if _service_of(event, text) == self.service:
+                        logger.warning(
+                            "store: sentinel reports a failover of %r: %s %s", self.service, event, text
+                        )
+                        await on_switch()
         finally:
             writer.close()
 
@@ -141,6 +141,18 @@ class Sentinels:
             await asyncio.gather(watcher, return_exceptions=True)
         for client in self._clients:
             await client.aclose()
+
+
+def _service_of(event: str, text: str) -> str | None:
+    """The service a failover event is about.
+
+    +switch-master: "<service> <old ip> <old port> <new ip> <new port>";
+    +promoted-slave: "slave <ip:port> <ip> <port> @ <service> <old ip> <old port>".
+    """
+    words = text.split()
+    if event == "+switch-master":
+        return words[0] if words else None
+    return words[words.index("@") + 1] if "@" in words[:-1] else None
 
 
 async def _next(reader: asyncio.StreamReader, parser: hiredis.Reader) -> object:
