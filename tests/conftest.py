@@ -26,7 +26,7 @@ from redis.asyncio import BlockingConnectionPool
 from gateway.store import MemoryStore, RedisStore, Store, store_from_url
 
 if TYPE_CHECKING:
-    from tests.redis_setups import SentinelSetup, TestPKI, TLSRedisServer
+    from tests.redis_setups import ClusterSetup, SentinelSetup, TestPKI, TLSRedisServer
 
 _START_TIMEOUT_S = 10.0
 _INSTALL_TIMEOUT_S = 600.0
@@ -252,6 +252,44 @@ def spawn_sentinel_setup(
         setup.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cli_executable() -> str:
+    return debian_executable("redis-cli", "redis-tools")  # redis-server's dependency
+
+
+@pytest.fixture(scope="session")
+def cluster_setup(
+    redis_executable: str, redis_cli_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClusterSetup]:
+    """The session's Redis Cluster: 3 primaries, 3 replicas (tests/redis_setups.py)."""
+    from tests.redis_setups import ClusterSetup
+
+    setup = ClusterSetup(redis_executable, redis_cli_executable, tmp_path_factory.mktemp("cluster"))
+    setup.start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def spawn_cluster_setup(
+    redis_executable: str, redis_cli_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[], ClusterSetup]]:
+    """Private clusters, for tests that kill a node; all are killed afterwards."""
+    from tests.redis_setups import ClusterSetup
+
+    setups: list[ClusterSetup] = []
+
+    def spawn() -> ClusterSetup:
+        setup = ClusterSetup(redis_executable, redis_cli_executable, tmp_path_factory.mktemp("cluster-private"))
+        setups.append(setup)
+        setup.start()
+        return setup
+
+    yield spawn
+    for setup in setups:
+        setup.stop()
+
+
 @pytest.fixture
 async def memory_store() -> AsyncIterator[Store]:
     async with MemoryStore() as store:
@@ -289,6 +327,14 @@ async def sentinel_store(sentinel_setup: SentinelSetup) -> AsyncIterator[Store]:
     with sentinel_setup.primary().client() as client:
         client.flushall()
     async with store_from_url(sentinel_setup.url) as store:
+        yield store
+
+
+@pytest.fixture
+async def cluster_store(cluster_setup: ClusterSetup) -> AsyncIterator[Store]:
+    """A store on the cluster over redis+cluster://, every primary flushed first."""
+    cluster_setup.flush()
+    async with store_from_url(cluster_setup.url) as store:
         yield store
 
 

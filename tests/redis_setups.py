@@ -136,8 +136,9 @@ class SentinelSetup:
         primary = self.nodes[0]
         for node in self.nodes:
             node.workdir.mkdir(parents=True, exist_ok=True)
+            node.options = {"repl-diskless-sync-delay": "0"}  # replicas in sync at once, not after 5 s
             if node is not primary:
-                node.options = {"replicaof": f"127.0.0.1 {primary.port}"}
+                node.options["replicaof"] = f"127.0.0.1 {primary.port}"
             node.start()
         for port in self.sentinel_ports:
             folder = self.workdir / f"sentinel{port}"
@@ -196,5 +197,91 @@ class SentinelSetup:
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=_START_TIMEOUT_S)
         self.sentinels = []
+        for node in self.nodes:
+            node.stop()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port too."""
+    while (port := free_port()) > 55535:
+        pass
+    return port
+
+
+class ClusterSetup:
+    """A Redis Cluster of 3 primaries and 3 replicas, made with `redis-cli --cluster create`."""
+
+    def __init__(self, redis_executable: str, cli_executable: str, workdir: Path) -> None:
+        self.cli_executable = cli_executable
+        self.nodes = []
+        for i in range(6):
+            node = RedisServer(redis_executable, workdir / f"node{i}")
+            node.port = cluster_port()
+            node.options = {
+                "cluster-enabled": "yes",
+                "cluster-config-file": str(node.workdir / "nodes.conf"),
+                "cluster-node-timeout": "2000",
+                "repl-diskless-sync-delay": "0",  # replicas in sync at once, not after 5 s
+            }
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        seeds = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
+        return f"redis+cluster://{seeds}"
+
+    def start(self) -> None:
+        try:
+            for node in self.nodes:
+                node.workdir.mkdir(parents=True, exist_ok=True)
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [
+                    self.cli_executable,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    pytest.fail("the cluster did not reach cluster_state:ok")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        """Every node sees the cluster whole, and every replica is in sync (else it cannot take over)."""
+        try:
+            for node in self.nodes:
+                with node.client() as client:
+                    if client.cluster("info")["cluster_state"] != "ok":
+                        return False
+                    replication = client.info("replication")
+                    if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                        return False
+        except (redis.RedisError, OSError):
+            return False
+        return True
+
+    def primaries(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.client().info("replication")["role"] == "master"]
+
+    def flush(self) -> None:
+        for node in self.primaries():
+            with node.client() as client:
+                client.flushall()
+                client.script_flush()
+
+    def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -3,8 +3,8 @@
 Open `base.py` first (`Store`, `Script`: Lua for Redis with a Python twin). `memory.py` is
 the embedded default; `redis.py` the Redis backend, whose per-request calls go over the
 lean pipelining client in `resp.py`. `url.py` parses the URL forms (TLS options, masking),
-`connect.py` builds both clients from one, `sentinel.py` finds the primary, `pubsub.py`
-keeps the subscriptions.
+`connect.py` builds both clients from one, `sentinel.py` finds the primary, `cluster.py`
+routes the lean calls by slot (`slots.py`), `pubsub.py` keeps the subscriptions.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
     "store_from_url",
 ]
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster"})
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,15}")
 
 
@@ -57,5 +57,5 @@ def store_from_url(url: str, *, timeout_s: float = 1.0, max_connections: int = 5
         return RedisStore.from_url(url, timeout_s=timeout_s, max_connections=max_connections)
     raise ValueError(
         f"unsupported store URL scheme {scheme!r}: expected memory://, redis://, rediss://, unix://"
-        " or redis+sentinel://"
+        ", redis+sentinel:// or redis+cluster://"
     )

@@ -34,7 +34,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.store.base import (
@@ -48,11 +48,14 @@ from gateway.store.base import (
     check_ttl,
     ttl_ms,
 )
-from gateway.store.connect import lean_for, pool_for, sentinels_for, tls_for
+from gateway.store.cluster import ClusterClient
+from gateway.store.connect import BlockingReads, ClusterClients, lean_for, pool_for, sentinels_for, tls_for
 from gateway.store.pubsub import PubSubHub
 from gateway.store.resp import ReplyError, RespClient, encode
 from gateway.store.sentinel import Sentinels
 from gateway.store.url import parse, redact, url_secrets
+
+Lean = RespClient | ClusterClient  # the per-request client: one node's, or a cluster's
 
 # What the driver raises: its own errors, plus socket errors it does not wrap everywhere.
 _DRIVER_ERRORS = (RedisError, OSError)
@@ -67,41 +70,46 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         timeout_s: float = 1.0,
         secrets: Sequence[str] = (),
-        lean: RespClient | None = None,
+        lean: Lean | None = None,
         sentinels: Sentinels | None = None,
+        pubsub_client: Redis | None = None,
+        blocking_client: Redis | BlockingReads | None = None,
+        publisher: Redis | None = None,
     ) -> None:
-        self._client = client
+        self._client: Redis | RedisCluster = client
         self._lean = lean
         self._sentinels = sentinels
         self._timeout_s = timeout_s
         self._secrets = tuple(secret for secret in secrets if secret)
         self._loaded: set[str] = set()
-        pool = client.connection_pool
-        # Same server and options, but no read timeout: an idle subscriber waits
-        # for messages indefinitely. Connecting is still bounded by timeout_s.
-        self._pubsub = PubSubHub(
-            Redis.from_pool(
+        if pubsub_client is None or blocking_client is None:
+            assert isinstance(client, Redis)  # a cluster brings its own
+            pool = client.connection_pool
+            # Same server and options, but no read timeout: an idle subscriber waits
+            # for messages indefinitely. Connecting is still bounded by timeout_s.
+            pubsub_client = Redis.from_pool(
                 ConnectionPool(
                     connection_class=pool.connection_class,
                     **{**pool.connection_kwargs, "socket_timeout": None},
                 )
-            ),
-            timeout_s=timeout_s,
-            secrets=self._secrets,
-        )
-        # Blocking reads: as many connections as the command pool, waiting up to timeout_s for one.
-        self._blocking_client = Redis.from_pool(
-            BlockingConnectionPool(
-                connection_class=pool.connection_class,
-                max_connections=pool.max_connections,
-                timeout=timeout_s,
-                **{**pool.connection_kwargs, "socket_timeout": None},
             )
-        )
+            # Blocking reads: as many connections as the command pool, waiting up to timeout_s for one.
+            blocking_client = Redis.from_pool(
+                BlockingConnectionPool(
+                    connection_class=pool.connection_class,
+                    max_connections=pool.max_connections,
+                    timeout=timeout_s,
+                    **{**pool.connection_kwargs, "socket_timeout": None},
+                )
+            )
+        self._pubsub = PubSubHub(pubsub_client, timeout_s=timeout_s, secrets=self._secrets)
+        self._blocking_client = blocking_client
+        # On a cluster: a client of the node the subscribers are on, so PUBLISH counts them.
+        self._publisher = publisher
         if sentinels is not None:
             sentinels.on_switch = self._switched
 
@@ -118,6 +126,17 @@ class RedisStore(Store):
             tls = tls_for(parsed)
         except ValueError as exc:
             raise ValueError(redact(f"invalid redis URL: {exc}", secrets)) from None
+        if parsed.kind == "cluster":
+            cluster = ClusterClients(parsed, timeout_s=timeout_s, max_connections=max_connections)
+            return cls(
+                cluster.command,
+                timeout_s=timeout_s,
+                secrets=secrets,
+                lean=cluster.lean,
+                pubsub_client=cluster.pubsub,
+                blocking_client=cluster.blocking,
+                publisher=cluster.publisher,
+            )
         sentinels = sentinels_for(parsed, tls, timeout_s)
         pool = pool_for(
             parsed, tls=tls, sentinels=sentinels, timeout_s=timeout_s, max_connections=max_connections
@@ -128,23 +147,24 @@ class RedisStore(Store):
 
     async def _switched(self) -> None:
         """Sentinel reports a failover: leave the old primary now (idle pooled connections too)."""
-        if self._lean is not None:
+        if isinstance(self._lean, RespClient):
             self._lean.retire()
+        assert isinstance(self._client, Redis) and isinstance(self._blocking_client, Redis)
         await self._client.connection_pool.disconnect(inuse_connections=False)
         await self._blocking_client.connection_pool.disconnect(inuse_connections=False)
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         """The underlying client, for tooling and tests; request paths use the methods."""
         return self._client
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
         return StoreError(redact(f"redis {action} failed: {type(exc).__name__}: {exc}", self._secrets))
 
-    async def _lean_call(self, lean: RespClient, action: str, args: Sequence[ScriptArg]) -> Any:
+    async def _lean_call(self, lean: Lean, action: str, args: Sequence[ScriptArg]) -> Any:
         """One command on the lean client; an error reply or a failure is a `StoreError`."""
         try:
-            reply = await lean.execute(encode(args))
+            reply = await lean.execute(encode(args), keys=[[str(args[1])]])
         except StoreError as exc:
             raise self._error(action, exc) from exc
         if isinstance(reply, ReplyError):
@@ -163,6 +183,8 @@ class RedisStore(Store):
         """Stop the pub/sub reader, then close the connection pools and clients. Idempotent."""
         await self._pubsub.aclose()
         await self._blocking_client.aclose()
+        if self._publisher is not None:
+            await self._publisher.aclose()
         await self._client.aclose()
         if self._lean is not None:
             await self._lean.aclose()
@@ -311,10 +333,11 @@ class RedisStore(Store):
     async def _lean_send(self, calls: Sequence[Call], loads: Sequence[Script]) -> list[Any]:
         """`_send` on the lean client: every command in one write."""
         assert self._lean is not None
-        commands = [encode(("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args in calls]
-        if loads:
-            commands[:0] = [encode(("SCRIPT", "LOAD", script.lua)) for script in loads]
-        replies = await self._lean.execute(*commands)
+        commands = [encode(("SCRIPT", "LOAD", script.lua)) for script in loads]
+        commands += [encode(("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args in calls]
+        # Each command's keys, for a cluster's routing; SCRIPT LOAD goes to every node the calls go to.
+        routes: list[Sequence[str] | None] = [None] * len(loads) + [keys for _, keys, _ in calls]
+        replies = await self._lean.execute(*commands, keys=routes)
         if len(commands) == 1:
             return [replies]
         return self._after_loads(loads, calls, replies) if loads else replies
@@ -356,7 +379,7 @@ class RedisStore(Store):
 
     async def publish(self, channel: str, message: bytes) -> int:
         try:
-            receivers: int = await self._client.publish(channel, message)
+            receivers: int = await (self._publisher or self._client).publish(channel, message)
         except _DRIVER_ERRORS as exc:
             raise self._error("PUBLISH", exc) from exc
         return receivers

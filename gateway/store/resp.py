@@ -53,6 +53,10 @@ class _Lost(StoreError):
     """The connection broke before a reply came back for this call; safe to retry once."""
 
 
+class ConnectFailed(StoreError):
+    """No connection could be set up: the call was not sent."""
+
+
 def encode(args: Sequence[ScriptArg]) -> bytes:
     """One command in RESP2 (an array of bulk strings); numbers as redis-py sends them (repr)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -210,11 +214,12 @@ class RespClient:
         """Where the client connects (the last primary found, behind Sentinel), for messages."""
         return self._path if self._path is not None else f"{self._host}:{self._port}"
 
-    async def execute(self, *commands: bytes) -> Any:
+    async def execute(self, *commands: bytes, keys: Sequence[Sequence[str] | None] = ()) -> Any:
         """Send the encoded `commands` in one write; the reply, or the list of replies of several.
 
         Error replies are returned as `ReplyError` values; a broken or stuck
-        connection raises `StoreError`.
+        connection raises `StoreError`. `keys` (each command's keys) route commands on a
+        cluster (cluster.py, the same interface); one node has nothing to route.
         """
         count = len(commands)
         payload = commands[0] if count == 1 else b"".join(commands)
@@ -224,7 +229,11 @@ class RespClient:
         try:
             reply = await conn.request(payload, count)
         except _Lost:
-            conn = await self._connection()
+            try:
+                conn = await self._connection()
+            except ConnectFailed as exc:
+                # The first write may have been read: this call is no longer known not to have run.
+                raise StoreError(str(exc)) from None
             reply = await conn.request(payload, count)
         if self._locate is None:
             return reply
@@ -291,19 +300,20 @@ class RespClient:
                     replies = replies if self._handshake_count > 1 else [replies]
                     for reply in replies:
                         if isinstance(reply, ReplyError):
-                            raise StoreError(f"redis at {self.address} refused the connection setup: {reply}")
+                            refused = f"redis at {self.address} refused the connection setup: {reply}"
+                            raise ConnectFailed(refused)
                     if self._locate is not None and replies[-1][0] != b"master":
                         # Sentinel's answer is stale (a failover is under way): try again on the next call.
                         role = replies[-1][0].decode()
-                        raise StoreError(f"redis at {self.address} is a {role}, not the primary")
+                        raise ConnectFailed(f"redis at {self.address} is a {role}, not the primary")
         except BaseException as exc:
             if conn is not None:
                 conn.close()
             where = self.address
             if isinstance(exc, TimeoutError):
-                raise StoreError(f"redis connect to {where} timed out after {self._timeout_s}s") from None
+                raise ConnectFailed(f"redis connect to {where} timed out after {self._timeout_s}s") from None
             if isinstance(exc, OSError):
-                raise StoreError(f"redis connect to {where} failed: {type(exc).__name__}: {exc}") from None
+                raise ConnectFailed(f"redis connect to {where} failed: {type(exc).__name__}: {exc}") from None
             raise
         return conn
 

@@ -5,6 +5,7 @@ Forms (ACL username + password everywhere, as `user:pass@`):
     redis://[user:pass@]host[:6379][/db]           rediss://… (TLS)
     unix://[user:pass@]/path/to/redis.sock[?db=N]
     redis+sentinel://[user:pass@]host:port[,host:port…]/service[/db]   rediss+sentinel://… (TLS)
+    redis+cluster://[user:pass@]host:port[,host:port…]   (seed nodes; the rest is discovered)
 
 Query parameters: `db`, `password`; for TLS `ssl_ca` (a PEM bundle trusted instead of
 the system store), `ssl_cert` and `ssl_key` (a client certificate); for Sentinel
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-_SCHEMES: dict[str, tuple[Literal["redis", "unix", "sentinel"], bool]] = {
+_SCHEMES: dict[str, tuple[Literal["redis", "unix", "sentinel", "cluster"], bool]] = {
     "redis": ("redis", False),
     "rediss": ("redis", True),
     "unix": ("unix", False),
     "redis+sentinel": ("sentinel", False),
     "rediss+sentinel": ("sentinel", True),
+    "redis+cluster": ("cluster", False),
 }
 _QUERY = frozenset(
     {"db", "password", "ssl_ca", "ssl_cert", "ssl_key", "sentinel_username", "sentinel_password"}
@@ -45,7 +47,7 @@ DEFAULT_SENTINEL_PORT = 26379
 class StoreURL:
     """A parsed Redis store URL: where the nodes are and how to authenticate to them."""
 
-    kind: Literal["redis", "unix", "sentinel"]
+    kind: Literal["redis", "unix", "sentinel", "cluster"]
     tls: bool
     hosts: tuple[tuple[str, int], ...]  # the node (redis), or the sentinels
     path: str | None = None  # unix socket
@@ -96,7 +98,7 @@ def mask(url: str) -> str:
 
 
 def parse(url: str) -> StoreURL:
-    """Parse a redis://, rediss://, unix:// or redis+sentinel:// URL; ValueError names what is wrong."""
+    """Parse a Redis store URL (the forms above); ValueError names what is wrong."""
     scheme, separator, _ = url.partition("://")
     if not separator or scheme.lower() not in _SCHEMES:
         raise ValueError("unsupported redis URL scheme")
@@ -144,8 +146,12 @@ def parse(url: str) -> StoreURL:
         if len(segments) == 2:
             db = _int(segments[1], "db")
         return StoreURL("sentinel", hosts=hosts, service=segments[0], db=db, **common)  # type: ignore[arg-type]
+    if kind == "cluster":
+        if segments or db:
+            raise ValueError("redis+cluster:// URL takes no database: a cluster has database 0 only")
+        return StoreURL("cluster", hosts=hosts, **common)  # type: ignore[arg-type]
     if len(hosts) != 1:
-        raise ValueError("redis:// URL takes one host (several are for redis+sentinel://)")
+        raise ValueError("redis:// URL takes one host (several are for redis+sentinel:// or redis+cluster://)")
     if len(segments) > 1:
         raise ValueError("redis:// URL path must be /db")
     if segments:

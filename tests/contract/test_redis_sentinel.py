@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -13,7 +13,7 @@ import redis
 from gateway.store import StoreError, store_from_url
 from gateway.store.resp import RespClient, encode
 
-from . import bounded, eventually
+from . import bounded, eventually, within
 from .test_store import CAPPED_INCR
 
 if TYPE_CHECKING:
@@ -23,12 +23,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 PROMOTED_WITHIN_S = 5.0
-F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, None]])
-
-
-def within(seconds: float) -> Callable[[F], F]:
-    """`bounded` with room for starting a set-up of six processes and a failover."""
-    return lambda test: bounded(test, seconds)
 
 
 @bounded
@@ -43,7 +37,9 @@ async def test_unknown_service_is_a_store_error(sentinel_setup: SentinelSetup) -
 
 @bounded
 async def test_no_sentinel_answering_is_a_store_error(free_tcp_port: int) -> None:
-    async with store_from_url(f"redis+sentinel://127.0.0.1:{free_tcp_port}/gw-primary", timeout_s=0.3) as store:
+    async with store_from_url(
+        f"redis+sentinel://127.0.0.1:{free_tcp_port}/gw-primary", timeout_s=0.3
+    ) as store:
         with pytest.raises(StoreError, match="no sentinel named the primary"):
             await store.set("k", b"v")
 

@@ -47,7 +47,9 @@ async def test_both_clients_speak_tls(tls_redis_process: TLSRedisServer) -> None
         assert await store.client.get("k") == b"v"  # redis.asyncio
         with tls_redis_process.client() as admin:
             clients = admin.client_list()
-        assert len(clients) >= 3  # the lean client's, the pool's and the admin's: all over TLS (no plain port)
+        assert (
+            len(clients) >= 3
+        )  # the lean client's, the pool's and the admin's: all over TLS (no plain port)
 
 
 @bounded
@@ -63,7 +65,9 @@ async def test_system_trust_honours_ssl_cert_file(
 
 
 @bounded
-async def test_untrusted_certificate_is_not_ready(tls_redis_process: TLSRedisServer, test_pki: TestPKI) -> None:
+async def test_untrusted_certificate_is_not_ready(
+    tls_redis_process: TLSRedisServer, test_pki: TestPKI
+) -> None:
     url = (
         f"rediss://gw:{PASSWORD}@localhost:{tls_redis_process.port}/0"
         f"?ssl_ca={test_pki.other_ca}&{_client_cert(test_pki)}"
@@ -86,7 +90,10 @@ async def test_client_certificate_is_sent(tls_redis_process: TLSRedisServer, tes
 
 @bounded
 async def test_plain_server_is_never_used_in_the_clear(redis_url: str, test_pki: TestPKI) -> None:
-    url = redis_url.replace("redis://", "rediss://").replace("127.0.0.1", "localhost") + f"?ssl_ca={test_pki.ca}"
+    url = (
+        redis_url.replace("redis://", "rediss://").replace("127.0.0.1", "localhost")
+        + f"?ssl_ca={test_pki.ca}"
+    )
     # A plain server takes the TLS hello for a partial command and waits: the handshake times out.
     await _every_path_fails(url, "(?i)timed? ?out", timeout_s=0.3)
 
