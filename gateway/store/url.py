@@ -7,7 +7,7 @@ Forms (ACL username + password everywhere, as `user:pass@`):
     redis+sentinel://[user:pass@]host:port[,host:port…]/service[/db]   rediss+sentinel://… (TLS)
     redis+cluster://[user:pass@]host:port[,host:port…]   (seed nodes; the rest is discovered)
 
-Query parameters: `db`, `password`; for TLS `ssl_ca` (a PEM bundle trusted instead of
+Query parameters: `db` (not on a cluster), `password`; for TLS `ssl_ca` (a PEM bundle trusted instead of
 the system store), `ssl_cert` and `ssl_key` (a client certificate); for Sentinel
 `sentinel_username` and `sentinel_password` (the sentinels' own ACL, when they have one;
 `user:pass@` is for the data nodes). An unknown parameter is an error, so a typo fails at start.

@@ -38,6 +38,7 @@ PASSWORD = "s3cr3t-Pa55word"
             ),
         ),
         ("rediss+sentinel://a/svc?ssl_ca=/ca.pem", StoreURL("sentinel", True, (("a", 26379),), service="svc", ssl_ca="/ca.pem")),
+        ("redis+cluster://gw:pw@a:7000,b:7001", StoreURL("cluster", False, (("a", 7000), ("b", 7001)), username="gw", password="pw")),
     ],
 )  # fmt: skip
 def test_parse(url: str, expected: StoreURL) -> None:
@@ -58,6 +59,8 @@ def test_parse(url: str, expected: StoreURL) -> None:
         (f"redis://:{PASSWORD}@h/0?sslca=/ca.pem&{PASSWORD}=1", "unknown redis URL parameter"),
         (f"redis+sentinel://:{PASSWORD}@a:1", "service_name"),
         (f"unix://:{PASSWORD}@", "socket path"),
+        (f"redis+cluster://:{PASSWORD}@a:7000/1", "database 0 only"),
+        (f"redis+cluster://:{PASSWORD}@a:7000?db=2", "database 0 only"),
     ],
 )
 def test_errors_name_the_problem_not_the_secret(url: str, message: str) -> None:
