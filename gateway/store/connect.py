@@ -24,7 +24,7 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import MovedError, ReadOnlyError
 
 from gateway.store.cluster import ClusterClient
 from gateway.store.resp import Locate, RespClient
@@ -156,27 +156,26 @@ class BlockingReads:
 
     async def xread(self, streams: dict[str, str], *, block: int) -> Any:
         [key] = streams
-        for attempt in range(2):
-            address = await self._lean.owner(key)
-            node = self._nodes.get(address)
-            if node is None:
-                node = self._nodes[address] = Redis.from_pool(
-                    BlockingConnectionPool(
-                        host=address[0],
-                        port=address[1],
-                        max_connections=self._max_connections,
-                        timeout=self._timeout_s,
-                        socket_timeout=None,
-                        **self._common,
-                    )
+        try:
+            return await self._node(await self._lean.owner(key)).xread(streams, block=block)
+        except MovedError:
+            await self._lean.refresh()  # the slot moved: read where it lives now
+        return await self._node(await self._lean.owner(key)).xread(streams, block=block)
+
+    def _node(self, address: Address) -> Redis:
+        node = self._nodes.get(address)
+        if node is None:
+            node = self._nodes[address] = Redis.from_pool(
+                BlockingConnectionPool(
+                    host=address[0],
+                    port=address[1],
+                    max_connections=self._max_connections,
+                    timeout=self._timeout_s,
+                    socket_timeout=None,
+                    **self._common,
                 )
-            try:
-                return await node.xread(streams, block=block)
-            except ResponseError as exc:
-                if attempt or not str(exc).startswith("MOVED"):
-                    raise
-                await self._lean.refresh()  # the slot moved: read where it lives now
-        raise AssertionError("unreachable")
+            )
+        return node
 
     async def aclose(self) -> None:
         for node in self._nodes.values():

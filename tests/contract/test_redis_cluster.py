@@ -90,6 +90,11 @@ async def test_moved_updates_the_map_and_resends(cluster_setup: ClusterSetup) ->
         assert await store.set("k", b"v") is True  # MOVED, then sent to the owner
         assert lean._owners[key_slot("k")] == right
         assert await store.get("k") == b"v"
+        # Blocking log reads find their node through the same map.
+        await store.xadd("k-log", b"entry", ttl_s=10)
+        log_owner = await lean.owner("k-log")
+        lean._owners[key_slot("k-log")] = next(a for a in set(filter(None, lean._owners)) if a != log_owner)
+        assert [value for _, value in await store.xread("k-log", "0", block_s=0.5)] == [b"entry"]
 
 
 @bounded
