@@ -234,15 +234,16 @@ def sentinel_setup(
 @pytest.fixture
 def spawn_sentinel_setup(
     redis_executable: str, sentinel_executable: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[], SentinelSetup]]:
-    """Private Sentinel set-ups, for tests that kill a primary; all are killed afterwards."""
+) -> Iterator[Callable[..., SentinelSetup]]:
+    """Private Sentinel set-ups (over TLS given a `TestPKI`), for tests that kill a primary or need
+    TLS; all are killed afterwards."""
     from tests.redis_setups import SentinelSetup
 
     setups: list[SentinelSetup] = []
 
-    def spawn() -> SentinelSetup:
+    def spawn(pki: TestPKI | None = None) -> SentinelSetup:
         folder = tmp_path_factory.mktemp("sentinel-private")
-        setup = SentinelSetup(redis_executable, sentinel_executable, folder)
+        setup = SentinelSetup(redis_executable, sentinel_executable, folder, pki)
         setups.append(setup)
         setup.start()
         return setup

@@ -25,7 +25,8 @@ SERVICE = "gw-primary"
 
 @dataclass(frozen=True)
 class TestPKI:
-    """A test CA, a server certificate for `localhost` only, a client certificate, and a CA that signed neither."""
+    """A test CA; server certificates for `localhost` only and for `localhost` + 127.0.0.1 (nodes that
+    sentinels name by IP); a client certificate; and a CA that signed none of them."""
 
     ca: Path
     server_cert: Path
@@ -33,6 +34,8 @@ class TestPKI:
     client_cert: Path
     client_key: Path
     other_ca: Path
+    node_cert: Path
+    node_key: Path
 
     @classmethod
     def make(cls, openssl: str, folder: Path) -> TestPKI:
@@ -45,8 +48,9 @@ class TestPKI:
                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN=gateway {ca}",
             )  # fmt: skip
         (folder / "server.ext").write_text("subjectAltName=DNS:localhost\n")
+        (folder / "node.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
         (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-        for name, subject in (("server", "/CN=localhost"), ("client", "/CN=gateway")):
+        for name, subject in (("server", "/CN=localhost"), ("client", "/CN=gateway"), ("node", "/CN=node")):
             run("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key",
                 "-out", f"{name}.csr", "-subj", subject)  # fmt: skip
             run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -58,6 +62,8 @@ class TestPKI:
             client_cert=folder / "client.crt",
             client_key=folder / "client.key",
             other_ca=folder / "other-ca.crt",
+            node_cert=folder / "node.crt",
+            node_key=folder / "node.key",
         )
 
     def client_context(self) -> ssl.SSLContext:
@@ -66,20 +72,25 @@ class TestPKI:
         return context
 
 
+def tls_options(pki: TestPKI, *, by_ip: bool) -> dict[str, str]:
+    """A server's TLS settings: its certificate (named for 127.0.0.1 too when `by_ip`), client
+    certificates required, and TLS for replication (and for a sentinel's links to the nodes)."""
+    return {
+        "tls-cert-file": str(pki.node_cert if by_ip else pki.server_cert),
+        "tls-key-file": str(pki.node_key if by_ip else pki.server_key),
+        "tls-ca-cert-file": str(pki.ca),
+        "tls-auth-clients": "yes",
+        "tls-replication": "yes",
+    }
+
+
 class TLSRedisServer(RedisServer):
     """A redis-server that speaks TLS only, requiring a client certificate; its name is `localhost`."""
 
-    def __init__(self, executable: str, workdir: Path, pki: TestPKI) -> None:
+    def __init__(self, executable: str, workdir: Path, pki: TestPKI, *, by_ip: bool = False) -> None:
         self.pki = pki
         super().__init__(executable, workdir)
-        self.options = {
-            "port": "0",
-            "tls-port": str(self.port),
-            "tls-cert-file": str(pki.server_cert),
-            "tls-key-file": str(pki.server_key),
-            "tls-ca-cert-file": str(pki.ca),
-            "tls-auth-clients": "yes",
-        }
+        self.options = {"port": "0", "tls-port": str(self.port), **tls_options(pki, by_ip=by_ip)}
 
     @property
     def url(self) -> str:
@@ -113,17 +124,45 @@ class TLSRedisServer(RedisServer):
 class SentinelSetup:
     """One primary, two replicas and three sentinels (quorum 2) watching them as `SERVICE`."""
 
-    def __init__(self, redis_executable: str, sentinel_executable: str, workdir: Path) -> None:
+    def __init__(
+        self, redis_executable: str, sentinel_executable: str, workdir: Path, pki: TestPKI | None = None
+    ) -> None:
         self.sentinel_executable = sentinel_executable
         self.workdir = workdir
-        self.nodes = [RedisServer(redis_executable, workdir / f"node{i}") for i in range(3)]
+        self.pki = pki  # given: everything over TLS only, sentinels included
+        self.nodes = [
+            TLSRedisServer(redis_executable, workdir / f"node{i}", pki, by_ip=True)
+            if pki is not None
+            else RedisServer(redis_executable, workdir / f"node{i}")
+            for i in range(3)
+        ]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        if self.pki is None:
+            return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        pki = self.pki
+        return (
+            f"rediss+sentinel://{hosts}/{SERVICE}/0"
+            f"?ssl_ca={pki.ca}&ssl_cert={pki.client_cert}&ssl_key={pki.client_key}"
+        )
+
+    def sentinel(self, port: int) -> redis.Redis:
+        """A synchronous client of the sentinel on `port`."""
+        if self.pki is None:
+            return redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            decode_responses=True,
+            ssl=True,
+            ssl_ca_certs=str(self.pki.ca),
+            ssl_certfile=str(self.pki.client_cert),
+            ssl_keyfile=str(self.pki.client_key),
+        )
 
     def start(self) -> None:
         try:
@@ -136,7 +175,7 @@ class SentinelSetup:
         primary = self.nodes[0]
         for node in self.nodes:
             node.workdir.mkdir(parents=True, exist_ok=True)
-            node.options = {"repl-diskless-sync-delay": "0"}  # replicas in sync at once, not after 5 s
+            node.options["repl-diskless-sync-delay"] = "0"  # replicas in sync at once, not after 5 s
             if node is not primary:
                 node.options["replicaof"] = f"127.0.0.1 {primary.port}"
             node.start()
@@ -144,8 +183,12 @@ class SentinelSetup:
             folder = self.workdir / f"sentinel{port}"
             folder.mkdir()
             config = folder / "sentinel.conf"
+            listen = f"port {port}\n"
+            if self.pki is not None:
+                settings = tls_options(self.pki, by_ip=True)
+                listen = f"port 0\ntls-port {port}\n" + "".join(f"{k} {v}\n" for k, v in settings.items())
             config.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
+                f"{listen}bind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 5000\n"
@@ -177,7 +220,7 @@ class SentinelSetup:
                     if client.info("replication").get("master_link_status") != "up":
                         return False
             for port in self.sentinel_ports:
-                with redis.Redis(host="127.0.0.1", port=port, decode_responses=True) as client:
+                with self.sentinel(port) as client:
                     state = client.sentinel_master(SERVICE)
                     if (int(state["num-slaves"]), int(state["num-other-sentinels"])) != (2, 2):
                         return False
@@ -187,8 +230,8 @@ class SentinelSetup:
 
     def primary(self) -> RedisServer:
         """The node the sentinels name as primary now."""
-        with redis.Redis(host="127.0.0.1", port=self.sentinel_ports[0]) as client:
-            _, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+        with self.sentinel(self.sentinel_ports[0]) as client:
+            _, port = client.sentinel_get_master_addr_by_name(SERVICE)
         return next(node for node in self.nodes if node.port == int(port))
 
     def stop(self) -> None:

@@ -18,7 +18,7 @@ from .test_store import CAPPED_INCR
 
 if TYPE_CHECKING:
     from tests.conftest import RedisServer
-    from tests.redis_setups import SentinelSetup
+    from tests.redis_setups import SentinelSetup, TestPKI
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -89,7 +89,7 @@ async def test_a_replica_named_as_primary_is_refused(spawn_redis: Callable[[], R
 
 @within(30)
 async def test_graceful_failover_moves_the_store_to_the_new_primary(
-    spawn_sentinel_setup: Callable[[], SentinelSetup],
+    spawn_sentinel_setup: Callable[..., SentinelSetup],
 ) -> None:
     setup = spawn_sentinel_setup()
     old = setup.primary()
@@ -115,7 +115,7 @@ async def test_graceful_failover_moves_the_store_to_the_new_primary(
 
 @within(40)
 async def test_sigkilled_primary_recovers_on_the_promoted_replica_within_5s(
-    spawn_sentinel_setup: Callable[[], SentinelSetup],
+    spawn_sentinel_setup: Callable[..., SentinelSetup],
 ) -> None:
     setup = spawn_sentinel_setup()
     old = setup.primary()
@@ -170,3 +170,26 @@ async def test_sigkilled_primary_recovers_on_the_promoted_replica_within_5s(
 
         with anyio.fail_after(PROMOTED_WITHIN_S):
             await republish()
+
+
+@within(30)
+async def test_over_tls_sentinels_and_nodes_alike(
+    spawn_sentinel_setup: Callable[..., SentinelSetup], test_pki: TestPKI
+) -> None:
+    setup = spawn_sentinel_setup(test_pki)
+    received: list[bytes] = []
+    async with store_from_url(setup.url) as store:
+        await store.ping()  # redis.asyncio, via the sentinels
+        await store.subscribe("events", received.append)
+        assert await store.set("k", b"v") is True  # the lean client, via the sentinels
+        assert (await store.run(CAPPED_INCR, ["c"], [5, 10_000]))[:2] == [1, 1]
+        await store.publish("events", b"m")
+        await eventually(lambda: received == [b"m"])
+    with setup.primary().client() as admin:
+        assert admin.get("k") == b"v"
+    untrusted = setup.url.replace(f"ssl_ca={test_pki.ca}", f"ssl_ca={test_pki.other_ca}")
+    async with store_from_url(untrusted, timeout_s=1.0) as store:
+        with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+            await store.get("k")  # the sentinels' certificate is refused: never asked in the clear
+        with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+            await store.ping()
