@@ -3,8 +3,9 @@
 The per-request calls (`run`, `run_many`, `get`, `set`) go through the lean
 pipelining client of gateway/store/resp.py, one socket for all of them: they are
 on every request's path and redis.asyncio's per-command CPU would dominate it.
-That client serves every URL form (TLS and Sentinel included, see connect.py); only
-a store built around a given client (fakeredis in tests) uses redis.asyncio for them.
+That client serves every URL form (TLS, Sentinel and Cluster included, see connect.py and
+cluster.py); only a store built around a given client (fakeredis in tests) uses
+redis.asyncio for them.
 
 Other commands use one `BlockingConnectionPool`: when every connection is busy a call
 waits (up to `timeout_s`) for one to come back instead of failing, so a burst
@@ -115,7 +116,7 @@ class RedisStore(Store):
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, max_connections: int = 50) -> RedisStore:
-        """Build a store for a redis://, rediss://, unix:// or redis+sentinel:// URL (url.py).
+        """Build a store for a Redis URL, in any of the forms url.py lists.
 
         No connection is made yet; a malformed URL, or a TLS file that cannot be read,
         is a ValueError without the URL's secrets.
