@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,12 +37,14 @@ async def test_unknown_service_is_a_store_error(sentinel_setup: SentinelSetup) -
 
 
 @bounded
-async def test_no_sentinel_answering_is_a_store_error(free_tcp_port: int) -> None:
-    async with store_from_url(
-        f"redis+sentinel://127.0.0.1:{free_tcp_port}/gw-primary", timeout_s=0.3
-    ) as store:
-        with pytest.raises(StoreError, match="no sentinel named the primary"):
-            await store.set("k", b"v")
+async def test_no_sentinel_answering_is_a_store_error_without_the_passwords(free_tcp_port: int) -> None:
+    url = f"redis+sentinel://gw:node-pw@127.0.0.1:{free_tcp_port}/gw-primary?sentinel_password=sentinel-pw"
+    async with store_from_url(url, timeout_s=0.3) as store:
+        for call in (lambda: store.set("k", b"v"), store.ping):
+            with pytest.raises(StoreError, match="no sentinel named the primary") as caught:
+                await call()
+            text = "".join(traceback.format_exception(caught.value))
+            assert "node-pw" not in text and "sentinel-pw" not in text
 
 
 @bounded
