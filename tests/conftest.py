@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fakeredis
 import pytest
@@ -23,6 +24,9 @@ import redis
 from redis.asyncio import BlockingConnectionPool
 
 from gateway.store import MemoryStore, RedisStore, Store, store_from_url
+
+if TYPE_CHECKING:
+    from tests.redis_setups import ClusterSetup, SentinelSetup, TestPKI, TLSRedisServer
 
 _START_TIMEOUT_S = 10.0
 _INSTALL_TIMEOUT_S = 600.0
@@ -46,12 +50,13 @@ class RedisServer:
     `stop` and `start` again keep the port, which is how tests simulate a restart.
     """
 
-    def __init__(self, executable: str, workdir: Path) -> None:
+    def __init__(self, executable: str, workdir: Path, options: dict[str, str] | None = None) -> None:
         self.executable = executable
         self.workdir = workdir
         self.port = free_port()
         self.socket_path = workdir / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
+        self.options = options or {}  # added to (or replacing) the defaults below
 
     @property
     def url(self) -> str:
@@ -72,6 +77,7 @@ class RedisServer:
             "unixsocket": str(self.socket_path),
             "unixsocketperm": "700",
             "logfile": str(log),
+            **self.options,
         }
         self.process = subprocess.Popen(
             [self.executable, *(arg for name, value in options.items() for arg in (f"--{name}", value))],
@@ -101,6 +107,10 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def client(self) -> redis.Redis:
+        """A synchronous admin client (flushes, checks) on the server's main port."""
+        return redis.Redis(host="127.0.0.1", port=self.port)
 
 
 def debian_executable(name: str, package: str, *, also: tuple[str, ...] = ()) -> str:
@@ -182,6 +192,105 @@ def spawn_redis(
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    """A test CA made with openssl, and the certificates it signed (tests/redis_setups.py)."""
+    from tests.redis_setups import TestPKI
+
+    return TestPKI.make(debian_executable("openssl", "openssl"), tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def tls_redis_process(
+    redis_executable: str, test_pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TLSRedisServer]:
+    """The session's TLS-only redis-server, named `localhost`, requiring a client certificate."""
+    from tests.redis_setups import TLSRedisServer
+
+    server = TLSRedisServer(redis_executable, tmp_path_factory.mktemp("redis-tls"), test_pki)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_executable() -> str:
+    return debian_executable("redis-sentinel", "redis-sentinel")
+
+
+@pytest.fixture(scope="session")
+def sentinel_setup(
+    redis_executable: str, sentinel_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SentinelSetup]:
+    """The session's Sentinel set-up: 1 primary, 2 replicas, 3 sentinels (tests/redis_setups.py)."""
+    from tests.redis_setups import SentinelSetup
+
+    setup = SentinelSetup(redis_executable, sentinel_executable, tmp_path_factory.mktemp("sentinel"))
+    setup.start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def spawn_sentinel_setup(
+    redis_executable: str, sentinel_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., SentinelSetup]]:
+    """Private Sentinel set-ups (over TLS given a `TestPKI`), for tests that kill a primary or need
+    TLS; all are killed afterwards."""
+    from tests.redis_setups import SentinelSetup
+
+    setups: list[SentinelSetup] = []
+
+    def spawn(pki: TestPKI | None = None) -> SentinelSetup:
+        folder = tmp_path_factory.mktemp("sentinel-private")
+        setup = SentinelSetup(redis_executable, sentinel_executable, folder, pki)
+        setups.append(setup)
+        setup.start()
+        return setup
+
+    yield spawn
+    for setup in setups:
+        setup.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cli_executable() -> str:
+    return debian_executable("redis-cli", "redis-tools")  # redis-server's dependency
+
+
+@pytest.fixture(scope="session")
+def cluster_setup(
+    redis_executable: str, redis_cli_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClusterSetup]:
+    """The session's Redis Cluster: 3 primaries, 3 replicas (tests/redis_setups.py)."""
+    from tests.redis_setups import ClusterSetup
+
+    setup = ClusterSetup(redis_executable, redis_cli_executable, tmp_path_factory.mktemp("cluster"))
+    setup.start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def spawn_cluster_setup(
+    redis_executable: str, redis_cli_executable: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[], ClusterSetup]]:
+    """Private clusters, for tests that kill a node; all are killed afterwards."""
+    from tests.redis_setups import ClusterSetup
+
+    setups: list[ClusterSetup] = []
+
+    def spawn() -> ClusterSetup:
+        setup = ClusterSetup(redis_executable, redis_cli_executable, tmp_path_factory.mktemp("cluster-private"))
+        setups.append(setup)
+        setup.start()
+        return setup
+
+    yield spawn
+    for setup in setups:
+        setup.stop()
+
+
 @pytest.fixture
 async def memory_store() -> AsyncIterator[Store]:
     async with MemoryStore() as store:
@@ -205,7 +314,33 @@ async def redis_store(redis_url: str) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
+async def tls_redis_store(tls_redis_process: TLSRedisServer) -> AsyncIterator[Store]:
+    """A store on the TLS redis-server over rediss://, flushed first."""
+    with tls_redis_process.client() as client:
+        client.flushall()
+    async with store_from_url(tls_redis_process.url) as store:
+        yield store
+
+
+@pytest.fixture
+async def sentinel_store(sentinel_setup: SentinelSetup) -> AsyncIterator[Store]:
+    """A store on the Sentinel set-up over redis+sentinel://, the primary flushed first."""
+    with sentinel_setup.primary().client() as client:
+        client.flushall()
+    async with store_from_url(sentinel_setup.url) as store:
+        yield store
+
+
+@pytest.fixture
+async def cluster_store(cluster_setup: ClusterSetup) -> AsyncIterator[Store]:
+    """A store on the cluster over redis+cluster://, every primary flushed first."""
+    cluster_setup.flush()
+    async with store_from_url(cluster_setup.url) as store:
+        yield store
+
+
+@pytest.fixture
 def store(request: pytest.FixtureRequest) -> Store:
-    """The store named by an indirect parameter: one of the three fixtures above."""
+    """The store named by an indirect parameter: one of the store fixtures above."""
     backend: Store = request.getfixturevalue(request.param)
     return backend

@@ -2,7 +2,9 @@
 
 Open `base.py` first (`Store`, `Script`: Lua for Redis with a Python twin). `memory.py` is
 the embedded default; `redis.py` the Redis backend, whose per-request calls go over the
-lean pipelining client in `resp.py`.
+lean pipelining client in `resp.py`. `url.py` parses the URL forms (TLS options, masking),
+`connect.py` builds both clients from one, `sentinel.py` finds the primary, `cluster.py`
+routes the lean calls by slot (`slots.py`), `pubsub.py` keeps the subscriptions.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ __all__ = [
     "store_from_url",
 ]
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster"})
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,15}")
 
 
 def store_from_url(url: str, *, timeout_s: float = 1.0, max_connections: int = 50) -> Store:
-    """The store for `url`: "memory://", or "redis://host:port/db", "rediss://…", "unix:///path?db=0".
+    """The store for `url`: "memory://", or a Redis URL (gateway/store/url.py lists the forms).
 
     Nothing connects yet (call `ping` to check). An unknown scheme is a ValueError
     that names the scheme only, since the rest of the URL may hold a password.
@@ -56,5 +58,6 @@ def store_from_url(url: str, *, timeout_s: float = 1.0, max_connections: int = 5
     if scheme in _REDIS_SCHEMES:
         return RedisStore.from_url(url, timeout_s=timeout_s, max_connections=max_connections)
     raise ValueError(
-        f"unsupported store URL scheme {scheme!r}: expected memory://, redis://, rediss:// or unix://"
+        f"unsupported store URL scheme {scheme!r}: expected memory://, redis://, rediss://, unix://"
+        ", redis+sentinel:// or redis+cluster://"
     )

@@ -3,9 +3,9 @@
 The per-request calls (`run`, `run_many`, `get`, `set`) go through the lean
 pipelining client of gateway/store/resp.py, one socket for all of them: they are
 on every request's path and redis.asyncio's per-command CPU would dominate it.
-That client is used for redis:// and unix:// URLs; over rediss:// (TLS, not
-implemented there) and for a store built around a given client, they use
-redis.asyncio like everything else.
+That client serves every URL form (TLS, Sentinel and Cluster included, see connect.py and
+cluster.py); only a store built around a given client (fakeredis in tests) uses
+redis.asyncio for them.
 
 Other commands use one `BlockingConnectionPool`: when every connection is busy a call
 waits (up to `timeout_s`) for one to come back instead of failing, so a burst
@@ -22,10 +22,7 @@ script since (restart, failover, SCRIPT FLUSH), the calls answered NOSCRIPT are
 retried once, each script reloaded in front: a second round trip, in that case only.
 Every call's reply is in before the first failure is raised.
 
-Pub/sub has its own connection, outside the pool so a subscription never takes
-a command slot, read by one background task for all subscriptions. When that
-connection breaks, the task reconnects with a growing backoff and subscribes
-every channel again.
+Pub/sub has its own connection (pubsub.py).
 
 Blocking log reads (XREAD BLOCK) use a pool of their own too, without a read
 timeout: a reader parked on a log would otherwise hold a command slot (and trip
@@ -35,18 +32,11 @@ the command timeout); the wait is bounded by the caller's `block_s` instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.store.base import (
@@ -58,19 +48,19 @@ from gateway.store.base import (
     StoreError,
     Subscription,
     check_ttl,
-    deliver,
     ttl_ms,
 )
+from gateway.store.cluster import ClusterClient
+from gateway.store.connect import BlockingReads, ClusterClients, lean_for, pool_for, sentinels_for, tls_for
+from gateway.store.pubsub import PubSubHub
 from gateway.store.resp import ReplyError, RespClient, encode
+from gateway.store.sentinel import Sentinels
+from gateway.store.url import parse, redact, url_secrets
 
-logger = logging.getLogger("gateway.store")
+Lean = RespClient | ClusterClient  # the per-request client: one node's, or a cluster's
 
 # What the driver raises: its own errors, plus socket errors it does not wrap everywhere.
 _DRIVER_ERRORS = (RedisError, OSError)
-# Pub/sub reconnect backoff: first retry soon (a restart takes well under a
-# second), then double up to a ceiling so an outage costs little.
-_BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 2.0
 
 
 class RedisStore(Store):
@@ -82,77 +72,106 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         timeout_s: float = 1.0,
         secrets: Sequence[str] = (),
-        lean: RespClient | None = None,
+        lean: Lean | None = None,
+        sentinels: Sentinels | None = None,
+        pubsub_client: Redis | None = None,
+        blocking_client: Redis | BlockingReads | None = None,
+        publisher: Redis | None = None,
     ) -> None:
-        self._client = client
+        self._client: Redis | RedisCluster = client
         self._lean = lean
+        self._sentinels = sentinels
         self._timeout_s = timeout_s
         self._secrets = tuple(secret for secret in secrets if secret)
         self._loaded: set[str] = set()
-        pool = client.connection_pool
-        # Same server and options, but no read timeout: an idle subscriber waits
-        # for messages indefinitely. Connecting is still bounded by timeout_s.
-        self._pubsub_client = Redis.from_pool(
-            ConnectionPool(
-                connection_class=pool.connection_class,
-                **{**pool.connection_kwargs, "socket_timeout": None},
+        if pubsub_client is None or blocking_client is None:
+            assert isinstance(client, Redis)  # a cluster brings its own
+            pool = client.connection_pool
+            # Same server and options, but no read timeout: an idle subscriber waits
+            # for messages indefinitely. Connecting is still bounded by timeout_s.
+            pubsub_client = Redis.from_pool(
+                ConnectionPool(
+                    connection_class=pool.connection_class,
+                    **{**pool.connection_kwargs, "socket_timeout": None},
+                )
             )
-        )
-        # Blocking reads: as many connections as the command pool, waiting up to timeout_s for one.
-        self._blocking_client = Redis.from_pool(
-            BlockingConnectionPool(
-                connection_class=pool.connection_class,
-                max_connections=pool.max_connections,
-                timeout=timeout_s,
-                **{**pool.connection_kwargs, "socket_timeout": None},
+            # Blocking reads: as many connections as the command pool, waiting up to timeout_s for one.
+            blocking_client = Redis.from_pool(
+                BlockingConnectionPool(
+                    connection_class=pool.connection_class,
+                    max_connections=pool.max_connections,
+                    timeout=timeout_s,
+                    **{**pool.connection_kwargs, "socket_timeout": None},
+                )
             )
-        )
-        self._handlers: dict[bytes, list[_RedisSubscription]] = {}
-        self._confirmed: dict[bytes, asyncio.Event] = {}
-        self._live: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._pubsub = PubSubHub(pubsub_client, timeout_s=timeout_s, secrets=self._secrets)
+        self._blocking_client = blocking_client
+        # On a cluster: a client of the node the subscribers are on, so PUBLISH counts them.
+        self._publisher = publisher
+        if sentinels is not None:
+            sentinels.on_switch = self._switched
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, max_connections: int = 50) -> RedisStore:
-        """Build a store for a redis://, rediss:// or unix:// URL (no connection is made yet)."""
-        secrets = _url_secrets(url)
+        """Build a store for a Redis URL, in any of the forms url.py lists.
+
+        No connection is made yet; a malformed URL, or a TLS file that cannot be read,
+        is a ValueError without the URL's secrets.
+        """
+        secrets = url_secrets(url)
         try:
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=timeout_s,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                decode_responses=False,
-            )
+            parsed = parse(url)
+            tls = tls_for(parsed)
         except ValueError as exc:
-            # The driver's message may quote the URL; the cause is dropped for the same reason.
-            raise ValueError(_redact(f"invalid redis URL: {exc}", secrets)) from None
-        lean = RespClient.from_url(url, timeout_s=timeout_s)
-        return cls(Redis.from_pool(pool), timeout_s=timeout_s, secrets=secrets, lean=lean)
+            raise ValueError(redact(f"invalid redis URL: {exc}", secrets)) from None
+        if parsed.kind == "cluster":
+            cluster = ClusterClients(parsed, timeout_s=timeout_s, max_connections=max_connections)
+            return cls(
+                cluster.command,
+                timeout_s=timeout_s,
+                secrets=secrets,
+                lean=cluster.lean,
+                pubsub_client=cluster.pubsub,
+                blocking_client=cluster.blocking,
+                publisher=cluster.publisher,
+            )
+        sentinels = sentinels_for(parsed, tls, timeout_s)
+        pool = pool_for(
+            parsed, tls=tls, sentinels=sentinels, timeout_s=timeout_s, max_connections=max_connections
+        )
+        lean = lean_for(parsed, tls=tls, sentinels=sentinels, timeout_s=timeout_s)
+        client = Redis.from_pool(pool)
+        return cls(client, timeout_s=timeout_s, secrets=secrets, lean=lean, sentinels=sentinels)
+
+    async def _switched(self) -> None:
+        """Sentinel reports a failover: leave the old primary now (idle pooled connections too)."""
+        if isinstance(self._lean, RespClient):
+            self._lean.retire()
+        assert isinstance(self._client, Redis) and isinstance(self._blocking_client, Redis)
+        await self._client.connection_pool.disconnect(inuse_connections=False)
+        await self._blocking_client.connection_pool.disconnect(inuse_connections=False)
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         """The underlying client, for tooling and tests; request paths use the methods."""
         return self._client
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
-        return StoreError(_redact(f"redis {action} failed: {type(exc).__name__}: {exc}", self._secrets))
+        return StoreError(redact(f"redis {action} failed: {type(exc).__name__}: {exc}", self._secrets))
 
     def _observe(self, started: float, failed: bool) -> None:
         if self.stats is not None:
             self.stats.observe(time.perf_counter() - started, failed)
 
-    async def _lean_call(self, lean: RespClient, action: str, args: Sequence[ScriptArg]) -> Any:
+    async def _lean_call(self, lean: Lean, action: str, args: Sequence[ScriptArg]) -> Any:
         """One command on the lean client; an error reply or a failure is a `StoreError`."""
         started = time.perf_counter()
         try:
-            reply = await lean.execute(encode(args))
+            reply = await lean.execute(encode(args), keys=[[str(args[1])]])
         except StoreError as exc:
             self._observe(started, True)
             raise self._error(action, exc) from exc
@@ -162,7 +181,7 @@ class RedisStore(Store):
         return reply
 
     async def _driver_call(self, action: str, call: Awaitable[Any]) -> Any:
-        """A request-path command on redis.asyncio (no lean client: TLS), counted like a lean one."""
+        """A request-path command on redis.asyncio (no lean client here), counted like a lean one."""
         started = time.perf_counter()
         try:
             reply = await call
@@ -181,21 +200,16 @@ class RedisStore(Store):
             raise self._error("PING", exc) from exc
 
     async def aclose(self) -> None:
-        """Stop the pub/sub reader, then close both connection pools. Idempotent."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        for subscriptions in self._handlers.values():
-            for subscription in subscriptions:
-                subscription.active = False
-        self._handlers.clear()
-        self._confirmed.clear()
-        await self._pubsub_client.aclose()
+        """Stop the pub/sub reader, then close the connection pools and clients. Idempotent."""
+        await self._pubsub.aclose()
         await self._blocking_client.aclose()
+        if self._publisher is not None:
+            await self._publisher.aclose()
         await self._client.aclose()
         if self._lean is not None:
             await self._lean.aclose()
+        if self._sentinels is not None:
+            await self._sentinels.aclose()
 
     # -- keys and counters -------------------------------------------------
 
@@ -336,12 +350,12 @@ class RedisStore(Store):
     async def _lean_send(self, calls: Sequence[Call], loads: Sequence[Script]) -> list[Any]:
         """`_send` on the lean client: every command in one write."""
         assert self._lean is not None
-        commands = [encode(("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args in calls]
-        if loads:
-            commands[:0] = [encode(("SCRIPT", "LOAD", script.lua)) for script in loads]
-        count = len(commands)
-        replies = await self._lean.execute(b"".join(commands), count)
-        if count == 1:
+        commands = [encode(("SCRIPT", "LOAD", script.lua)) for script in loads]
+        commands += [encode(("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args in calls]
+        # Each command's keys, for a cluster's routing; SCRIPT LOAD goes to every node the calls go to.
+        routes: list[Sequence[str] | None] = [None] * len(loads) + [keys for _, keys, _ in calls]
+        replies = await self._lean.execute(*commands, keys=routes)
+        if len(commands) == 1:
             return [replies]
         return self._after_loads(loads, calls, replies) if loads else replies
 
@@ -382,97 +396,14 @@ class RedisStore(Store):
 
     async def publish(self, channel: str, message: bytes) -> int:
         try:
-            receivers: int = await self._client.publish(channel, message)
+            receivers: int = await (self._publisher or self._client).publish(channel, message)
         except _DRIVER_ERRORS as exc:
             raise self._error("PUBLISH", exc) from exc
         return receivers
 
     async def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> Subscription:
         """Subscribe, waiting up to `timeout_s` for Redis to confirm (else `StoreError`)."""
-        name = channel.encode()
-        subscription = _RedisSubscription(self, name, handler)
-        subscriptions = self._handlers.get(name)
-        if subscriptions is not None:
-            subscriptions.append(subscription)
-        else:
-            self._handlers[name] = [subscription]
-            self._confirmed[name] = asyncio.Event()
-            if self._reader is None:
-                # The reader subscribes every channel in _handlers once connected.
-                self._reader = asyncio.create_task(self._read_loop(), name="gateway.store.pubsub")
-            elif self._live is not None:
-                # A send that fails means the connection broke: the reader notices,
-                # reconnects and subscribes every channel, which the wait below sees.
-                with contextlib.suppress(*_DRIVER_ERRORS):
-                    await self._live.subscribe(name)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._confirmed[name].wait()
-        except BaseException as exc:
-            # Timed out or cancelled: the caller gets no handle, so nothing may stay subscribed.
-            await subscription.aclose()
-            if isinstance(exc, TimeoutError):
-                raise StoreError(
-                    f"redis SUBSCRIBE to {channel!r} not confirmed within {self._timeout_s}s"
-                ) from None
-            raise
-        return subscription
-
-    async def _unsubscribe(self, subscription: _RedisSubscription) -> None:
-        subscriptions = self._handlers[subscription.channel]
-        subscriptions.remove(subscription)
-        if subscriptions:
-            return
-        del self._handlers[subscription.channel]
-        del self._confirmed[subscription.channel]
-        if self._live is not None:
-            # Locally the subscription is already gone (messages for it are dropped);
-            # a broken connection is resubscribed without this channel anyway.
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await self._live.unsubscribe(subscription.channel)
-
-    async def _read_loop(self) -> None:
-        delay = _BACKOFF_MIN_S
-        while True:
-            pubsub = self._pubsub_client.pubsub()
-            try:
-                # Reads on this connection have no timeout, so bound the handshake here.
-                async with asyncio.timeout(self._timeout_s):
-                    await pubsub.connect()  # type: ignore[no-untyped-call]
-                # From here subscribe() sends its own SUBSCRIBE; channels added
-                # before are in this snapshot (no await in between).
-                self._live = pubsub
-                if self._handlers:
-                    await pubsub.subscribe(*self._handlers)
-                delay = _BACKOFF_MIN_S
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    kind = message["type"] if message else None
-                    if kind == "message":
-                        self._dispatch(message["channel"], message["data"])
-                    elif kind == "subscribe":
-                        event = self._confirmed.get(message["channel"])
-                        if event is not None:
-                            event.set()
-            except _DRIVER_ERRORS as exc:
-                logger.warning(
-                    "store: redis pub/sub connection lost (%s); reconnecting in %.2fs",
-                    _redact(f"{type(exc).__name__}: {exc}", self._secrets),
-                    delay,
-                )
-            finally:
-                self._live = None
-                # Until resubscribed, a new subscribe() must wait for the reconnect.
-                for event in self._confirmed.values():
-                    event.clear()
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX_S)
-
-    def _dispatch(self, channel: bytes, data: bytes) -> None:
-        for subscription in tuple(self._handlers.get(channel, ())):
-            if subscription.active:
-                deliver(subscription.handler, channel, data)
+        return await self._pubsub.subscribe(channel, handler)
 
     # -- logs (Redis streams) ----------------------------------------------
 
@@ -503,19 +434,6 @@ class RedisStore(Store):
         return [(ident.decode(), fields[b"v"]) for ident, fields in entries]
 
 
-class _RedisSubscription(Subscription):
-    def __init__(self, store: RedisStore, channel: bytes, handler: Callable[[bytes], None]) -> None:
-        self._store = store
-        self.channel = channel
-        self.handler = handler
-        self.active = True
-
-    async def aclose(self) -> None:
-        if self.active:
-            self.active = False
-            await self._store._unsubscribe(self)
-
-
 def _noscript(reply: Any) -> bool:
     """Whether an EVALSHA's reply says Redis does not have the script (either client's error type)."""
     return isinstance(reply, NoScriptError) or (
@@ -532,18 +450,3 @@ def _scripts(calls: Sequence[Call]) -> str:
     """What a failed round trip names in its error: its scripts."""
     names = dict.fromkeys(script.name for script, _, _ in calls)
     return f"script{'s' if len(names) > 1 else ''} {', '.join(names)}"
-
-
-def _url_secrets(url: str) -> tuple[str, ...]:
-    """The password of a store URL (userinfo or ?password=), raw and decoded, to mask."""
-    parts = urlsplit(url)
-    found = parse_qs(parts.query).get("password", [])
-    if parts.password:
-        found.append(parts.password)
-    return tuple({variant for secret in found for variant in (secret, unquote(secret)) if variant})
-
-
-def _redact(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text

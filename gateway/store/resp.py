@@ -24,25 +24,37 @@ A lost connection (a Redis restart leaves the socket stale) fails its pending
 calls; a call on it that saw no reply come back after it was written is retried
 once on a fresh connection: the server most likely never read it. That is the
 trade redis-py's retry makes, limited to calls that got nothing back.
+
+TLS: given an `ssl.SSLContext` the socket is wrapped (SNI and the certificate's
+name checked against the host). Behind Sentinel (`locate` given) each connect asks
+where the primary is, and checks with ROLE that the node is one. A READONLY reply
+means the node has been demoted since: the connection is retired and the calls from
+that reply on are sent again, once, to the primary found anew. They ran on a replica,
+which cannot have written anything; the calls before it keep their replies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, parse_url
 
 from gateway.store.base import ScriptArg, StoreError
 
 ReplyError = hiredis.ReplyError
+Locate = Callable[[], Awaitable[tuple[str, int]]]
 
 
 class _Lost(StoreError):
     """The connection broke before a reply came back for this call; safe to retry once."""
+
+
+class ConnectFailed(StoreError):
+    """No connection could be set up: the call was not sent."""
 
 
 def encode(args: Sequence[ScriptArg]) -> bytes:
@@ -77,6 +89,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self.lost = False
+        self._retired = False
         self.closed: asyncio.Future[None] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,6 +122,8 @@ class _Connection(asyncio.Protocol):
                 pending.popleft()
                 if not future.done():  # a cancelled caller's reply is dropped
                     future.set_result(reply)
+            if self._retired and not pending:
+                self.close()
         except (hiredis.ProtocolError, IndexError) as exc:
             # A garbled stream, or a reply nobody asked for: nothing after it can be trusted.
             self._fail(StoreError(f"redis protocol error: {type(exc).__name__}: {exc}"), retry=False)
@@ -150,6 +165,12 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._fail(StoreError("redis connection closed"), retry=False)
 
+    def retire(self) -> None:
+        """Take no new calls; close once the pending ones have their replies."""
+        self.lost = self._retired = True
+        if not self._pending:
+            self.close()
+
 
 class RespClient:
     """Commands over one lazily opened connection; see the module docstring.
@@ -168,50 +189,70 @@ class RespClient:
         username: str | None = None,
         password: str | None = None,
         timeout_s: float = 1.0,
+        tls: ssl.SSLContext | None = None,
+        locate: Locate | None = None,
     ) -> None:
         self._host, self._port, self._path = host, port, path
         self._timeout_s = timeout_s
+        self._tls = tls
+        self._locate = locate
         handshake: list[list[ScriptArg]] = []
         if password:
             handshake.append(["AUTH", username, password] if username else ["AUTH", password])
         if db:
             handshake.append(["SELECT", db])
+        if locate is not None:
+            handshake.append(["ROLE"])
         self._handshake = b"".join(encode(command) for command in handshake)
         self._handshake_count = len(handshake)
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
 
-    @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0) -> RespClient | None:
-        """A client for a redis:// or unix:// URL; None for rediss:// (TLS is not implemented here)."""
-        parts = parse_url(url)  # the parser the redis.asyncio pool uses: both agree on the URL
-        if parts.get("connection_class") is SSLConnection:
-            return None
-        return cls(
-            host=parts.get("host", "localhost"),
-            port=int(parts.get("port", 6379)),
-            path=parts.get("path"),
-            db=int(parts.get("db", 0)),
-            username=parts.get("username"),
-            password=parts.get("password"),
-            timeout_s=timeout_s,
-        )
+    @property
+    def address(self) -> str:
+        """Where the client connects (the last primary found, behind Sentinel), for messages."""
+        return self._path if self._path is not None else f"{self._host}:{self._port}"
 
-    async def execute(self, payload: bytes, count: int = 1) -> Any:
-        """Send `count` commands encoded in `payload`; the reply, or the list of `count` replies.
+    async def execute(self, *commands: bytes, keys: Sequence[Sequence[str] | None] = ()) -> Any:
+        """Send the encoded `commands` in one write; the reply, or the list of replies of several.
 
         Error replies are returned as `ReplyError` values; a broken or stuck
-        connection raises `StoreError`.
+        connection raises `StoreError`. `keys` (each command's keys) route commands on a
+        cluster (cluster.py, the same interface); one node has nothing to route.
         """
+        count = len(commands)
+        payload = commands[0] if count == 1 else b"".join(commands)
         conn = self._conn
         if conn is None or conn.lost:
             conn = await self._connection()
         try:
-            return await conn.request(payload, count)
+            reply = await conn.request(payload, count)
         except _Lost:
-            conn = await self._connection()
-            return await conn.request(payload, count)
+            try:
+                conn = await self._connection()
+            except ConnectFailed as exc:
+                # The first write may have been read: this call is no longer known not to have run.
+                raise StoreError(str(exc)) from None
+            reply = await conn.request(payload, count)
+        if self._locate is None:
+            return reply
+        replies = reply if count > 1 else [reply]
+        demoted = next((i for i, each in enumerate(replies) if _readonly(each)), None)
+        if demoted is None:
+            return reply
+        conn.retire()  # later calls go to the new primary; earlier ones finish here
+        conn = await self._connection()
+        again = commands[demoted:]
+        retried = await conn.request(b"".join(again), len(again))
+        if count == 1:
+            return retried
+        return replies[:demoted] + (retried if len(again) > 1 else [retried])
+
+    def retire(self) -> None:
+        """Move on: the next call connects anew (behind Sentinel, to the primary found then)."""
+        if self._conn is not None:
+            self._conn.retire()
 
     async def _connection(self) -> _Connection:
         """The live connection, else a new one (another caller may have reconnected meanwhile)."""
@@ -240,26 +281,39 @@ class RespClient:
         conn: _Connection | None = None
         try:
             async with asyncio.timeout(self._timeout_s):
+                if self._locate is not None:
+                    self._host, self._port = await self._locate()
                 if self._path is not None:
                     _, conn = await loop.create_unix_connection(
                         lambda: _Connection(loop, self._timeout_s), self._path
                     )
                 else:
                     _, conn = await loop.create_connection(
-                        lambda: _Connection(loop, self._timeout_s), self._host, self._port
+                        lambda: _Connection(loop, self._timeout_s),
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
                     )
                 if self._handshake_count:
                     replies = await conn.request(self._handshake, self._handshake_count)
-                    for reply in replies if self._handshake_count > 1 else [replies]:
+                    replies = replies if self._handshake_count > 1 else [replies]
+                    for reply in replies:
                         if isinstance(reply, ReplyError):
-                            raise StoreError(f"redis refused the connection setup: {reply}")
+                            refused = f"redis at {self.address} refused the connection setup: {reply}"
+                            raise ConnectFailed(refused)
+                    if self._locate is not None and replies[-1][0] != b"master":
+                        # Sentinel's answer is stale (a failover is under way): try again on the next call.
+                        role = replies[-1][0].decode()
+                        raise ConnectFailed(f"redis at {self.address} is a {role}, not the primary")
         except BaseException as exc:
             if conn is not None:
                 conn.close()
+            where = self.address
             if isinstance(exc, TimeoutError):
-                raise StoreError(f"redis connect timed out after {self._timeout_s}s") from None
+                raise ConnectFailed(f"redis connect to {where} timed out after {self._timeout_s}s") from None
             if isinstance(exc, OSError):
-                raise StoreError(f"redis connect failed: {type(exc).__name__}: {exc}") from None
+                raise ConnectFailed(f"redis connect to {where} failed: {type(exc).__name__}: {exc}") from None
             raise
         return conn
 
@@ -274,3 +328,8 @@ class RespClient:
         if conn is not None:
             conn.close()
             await conn.closed
+
+
+def _readonly(reply: Any) -> bool:
+    """Whether a reply says the node is a replica now (a script's write reports it the same way)."""
+    return isinstance(reply, ReplyError) and str(reply).startswith("READONLY")

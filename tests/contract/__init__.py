@@ -19,8 +19,11 @@ STORES = {
     "memory": pytest.param("memory_store", id="memory"),
     "fakeredis": pytest.param("fakeredis_store", id="fakeredis"),
     "redis": pytest.param("redis_store", marks=pytest.mark.redis, id="redis"),
+    "redis-tls": pytest.param("tls_redis_store", marks=pytest.mark.redis, id="redis-tls"),
+    "redis-sentinel": pytest.param("sentinel_store", marks=pytest.mark.redis, id="redis-sentinel"),
+    "redis-cluster": pytest.param("cluster_store", marks=pytest.mark.redis, id="redis-cluster"),
 }
-REDIS_STORES = [STORES["fakeredis"], STORES["redis"]]
+REDIS_STORES = [STORES[name] for name in ("fakeredis", "redis", "redis-tls", "redis-sentinel", "redis-cluster")]
 
 TEST_TIMEOUT_S = 10.0
 
@@ -37,6 +40,11 @@ def bounded(test: F, seconds: float = TEST_TIMEOUT_S) -> F:
             await test(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+def within(seconds: float) -> Callable[[F], F]:
+    """`bounded` with another bound: room for starting a set-up of several servers and a failover."""
+    return lambda test: bounded(test, seconds)
 
 
 def bounded_tests(cls: C) -> C:

@@ -135,7 +135,7 @@ async def test_cancelled_subscribe_leaves_nothing_subscribed(free_tcp_port: int)
         with anyio.move_on_after(0.1) as scope:
             await store.subscribe("events", lambda message: None)
         assert scope.cancelled_caught
-        assert store._handlers == {}
+        assert store._pubsub._handlers == {}
 
 
 @pytest.mark.redis
