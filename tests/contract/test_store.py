@@ -56,8 +56,8 @@ def _expiry_times_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> li
     ops.set(keys[2], b"v")
     ops.pexpireat(keys[0], at)
     ops.pexpireat(keys[2], at - 120_000)  # a time already past deletes the key
-    ops.pexpireat("missing", at)
-    return [at, *(ops.pexpiretime(key) for key in (*keys, "missing"))]
+    ops.pexpireat(keys[3], at)  # never created: nothing to expire
+    return [at, *(ops.pexpiretime(key) for key in keys)]
 
 
 EXPIRY_TIMES = Script(
@@ -65,12 +65,12 @@ EXPIRY_TIMES = Script(
     """
 local t = redis.call('TIME')
 local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 60000
-for _, key in ipairs(KEYS) do redis.call('SET', key, 'v') end
+for i = 1, 3 do redis.call('SET', KEYS[i], 'v') end
 redis.call('PEXPIREAT', KEYS[1], at)
 redis.call('PEXPIREAT', KEYS[3], at - 120000)
-redis.call('PEXPIREAT', 'missing', at)
+redis.call('PEXPIREAT', KEYS[4], at)
 local out = {at}
-for _, key in ipairs({KEYS[1], KEYS[2], KEYS[3], 'missing'}) do out[#out + 1] = redis.call('PEXPIRETIME', key) end
+for _, key in ipairs(KEYS) do out[#out + 1] = redis.call('PEXPIRETIME', key) end
 return out
 """,
     _expiry_times_local,
@@ -217,7 +217,7 @@ class TestScripts:
             await store.run(FAILING, [], [])
 
     async def test_expiry_set_and_read_in_absolute_milliseconds(self, store: Store) -> None:
-        at, *times = await store.run(EXPIRY_TIMES, ["at", "plain", "past"], [])
+        at, *times = await store.run(EXPIRY_TIMES, ["{t}at", "{t}plain", "{t}past", "{t}missing"], [])
         assert times == [at, -1, -2, -2]  # exact to the ms; no expiry; deleted; never created
 
     async def test_register_then_run(self, store: Store) -> None:
