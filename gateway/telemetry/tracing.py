@@ -238,7 +238,13 @@ class TracingMiddleware:
                 if value:
                     span.set_attribute(name, value)
             if ctx.cache:
-                span.set_attribute("gateway.cache", ctx.cache.decode())
+                span.set_attribute("gateway.cache", "coalesced" if ctx.coalesced else ctx.cache.decode())
+            if ctx.admission is not None or ctx.refused:  # the limits' decision
+                span.set_attribute("gateway.limits", f"refused {ctx.refused}" if ctx.refused else "admitted")
+            if ctx.attempts:  # the breaker's and the router's: where each attempt went, and how it ended
+                span.set_attribute("gateway.attempts", [f"{d} {outcome}" for d, outcome in ctx.attempts])
+            if ctx.without_store:
+                span.set_attribute("gateway.without_store", list(ctx.without_store))
             if ctx.usage is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", ctx.usage[0])
                 span.set_attribute("gen_ai.usage.output_tokens", ctx.usage[1])

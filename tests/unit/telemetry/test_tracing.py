@@ -75,6 +75,8 @@ def test_config_ratio_unless_the_environment_names_a_sampler() -> None:
 async def answer(s: Any, receive: Any, send: Any) -> None:
     ctx = s["gateway"]
     ctx.model, ctx.identity, ctx.usage = "gpt-mini", "team-a", (3, 2)
+    ctx.cache, ctx.coalesced, ctx.refused = b"hit", True, ""
+    ctx.attempts = [("dead/m", "error"), ("oai/gpt-4o-mini", "ok")]
     await send({"type": "http.response.start", "status": 200, "headers": ctx.headers()})
     await send({"type": "http.response.body", "body": b"{}"})
     ctx.status, ctx.responded, ctx.complete = 200, True, True
@@ -98,6 +100,8 @@ def test_a_server_span_per_request_continuing_the_clients_trace() -> None:
     assert attributes["http.response.status_code"] == 200 and attributes["gen_ai.request.model"] == "gpt-mini"
     assert attributes["gen_ai.usage.input_tokens"] == 3 and attributes["gen_ai.usage.output_tokens"] == 2
     assert span.resource.attributes["service.name"] == "gw-test"
+    assert attributes["gateway.cache"] == "coalesced" and "gateway.limits" not in attributes  # no limits here
+    assert attributes["gateway.attempts"] == ("dead/m error", "oai/gpt-4o-mini ok")
     tracing.shutdown()
 
 
@@ -115,6 +119,7 @@ def test_a_malformed_traceparent_starts_a_new_trace(bad: bytes) -> None:
 
 def test_errors_and_broken_streams_mark_the_span() -> None:
     async def refuse(s: Any, receive: Any, send: Any) -> None:
+        s["gateway"].refused = "rpm"
         await s["gateway"].send_error(send, AuthenticationError("no"))
 
     async def broken(s: Any, receive: Any, send: Any) -> None:
@@ -127,6 +132,7 @@ def test_errors_and_broken_streams_mark_the_span() -> None:
     asyncio.run(call(TracingMiddleware(broken, tracing=tracing), scope(), [b"{}"]))
     refused, cut = spans(tracing, exporter)
     assert refused.attributes["http.response.status_code"] == 401  # type: ignore[index]
+    assert refused.attributes["gateway.limits"] == "refused rpm"  # type: ignore[index]
     assert refused.status.status_code is StatusCode.UNSET  # the client's mistake, not ours
     assert cut.status.status_code is StatusCode.ERROR
     tracing.shutdown()
