@@ -159,11 +159,12 @@ class Tracing:
 class RequestTrace:
     """One request's server span, the parent of its attempt spans (`ctx.trace`)."""
 
-    __slots__ = ("span", "tracer")
+    __slots__ = ("recording", "span", "tracer")
 
     def __init__(self, tracer: trace.Tracer, span: Span) -> None:
         self.tracer = tracer
         self.span = span
+        self.recording = span.is_recording()  # sampled: only then are attributes and children worth making
 
     @property
     def trace_id(self) -> str:
@@ -173,12 +174,13 @@ class RequestTrace:
     def span_id(self) -> str:
         return format(self.span.get_span_context().span_id, "016x")
 
-    def event(self, name: str, **attributes: str | int | float | bool) -> None:
-        """A decision on the request (cache, limits, breaker) as an event of its server span."""
-        self.span.add_event(name, attributes)
-
-    def attempt(self, operation: str, provider_kind: str, deployment: str, model: str, attempt: int) -> Span:
-        """A client span for one upstream attempt, with the GenAI attributes known before it."""
+    def attempt(
+        self, operation: str, provider_kind: str, deployment: str, model: str, attempt: int
+    ) -> Span | None:
+        """A client span for one upstream attempt, with the GenAI attributes known before it; None
+        when the request is not sampled (its upstream still gets the trace, naming the server span)."""
+        if not self.recording:
+            return None
         name = _OPERATION.get(operation, operation)
         return self.tracer.start_span(
             f"{name} {model}",
@@ -193,17 +195,22 @@ class RequestTrace:
             },
         )
 
-    @staticmethod
-    def headers(span: Span) -> list[tuple[bytes, bytes]]:
-        """`traceparent` (and `tracestate`) naming `span`, for the upstream request."""
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-        return [(k.encode(), v.encode()) for k, v in carrier.items()]
+    def headers(self, span: Span | None) -> list[tuple[bytes, bytes]]:
+        """W3C `traceparent` (and `tracestate`) for the upstream request: the attempt's span, else
+        the server's. Written here: the SDK's propagator costs several µs per call."""
+        context = (span or self.span).get_span_context()
+        parent = b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
+        headers = [(b"traceparent", parent)]
+        if context.trace_state:
+            headers.append((b"tracestate", context.trace_state.to_header().encode()))
+        return headers
 
     @staticmethod
     def end_attempt(
-        span: Span, status: int | None, error: str = "", usage: tuple[int, int] | None = None
+        span: Span | None, status: int | None, error: str = "", usage: tuple[int, int] | None = None
     ) -> None:
+        if span is None:
+            return
         if status is not None:
             span.set_attribute("http.response.status_code", status)
         if usage is not None:
@@ -232,25 +239,30 @@ class TracingMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            span = request.span
-            span.set_attribute("http.response.status_code", ctx.status)
-            for name, value in (("gen_ai.request.model", ctx.model), ("gateway.key", ctx.identity)):
-                if value:
-                    span.set_attribute(name, value)
-            if ctx.cache:
-                span.set_attribute("gateway.cache", "coalesced" if ctx.coalesced else ctx.cache.decode())
-            if ctx.admission is not None or ctx.refused:  # the limits' decision
-                span.set_attribute("gateway.limits", f"refused {ctx.refused}" if ctx.refused else "admitted")
-            if ctx.attempts:  # the breaker's and the router's: where each attempt went, and how it ended
-                span.set_attribute("gateway.attempts", [f"{d} {outcome}" for d, outcome in ctx.attempts])
-            if ctx.without_store:
-                span.set_attribute("gateway.without_store", list(ctx.without_store))
-            if ctx.usage is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", ctx.usage[0])
-                span.set_attribute("gen_ai.usage.output_tokens", ctx.usage[1])
-            if ctx.status >= 500 or (ctx.status == 200 and not ctx.complete and ctx.responded):
-                span.set_status(Status(StatusCode.ERROR))
-            span.end()
+            if request.recording:
+                self.describe(request.span, ctx)
+            request.span.end()
+
+    @staticmethod
+    def describe(span: Span, ctx: Any) -> None:  # ctx: RequestContext (context.py imports this module)
+        """The request's outcome and decisions, as attributes of its server span."""
+        span.set_attribute("http.response.status_code", ctx.status)
+        for name, value in (("gen_ai.request.model", ctx.model), ("gateway.key", ctx.identity)):
+            if value:
+                span.set_attribute(name, value)
+        if ctx.cache:
+            span.set_attribute("gateway.cache", "coalesced" if ctx.coalesced else ctx.cache.decode())
+        if ctx.admission is not None or ctx.refused:  # the limits' decision
+            span.set_attribute("gateway.limits", f"refused {ctx.refused}" if ctx.refused else "admitted")
+        if ctx.attempts:  # the breaker's and the router's: where each attempt went, and how it ended
+            span.set_attribute("gateway.attempts", [f"{d} {outcome}" for d, outcome in ctx.attempts])
+        if ctx.without_store:
+            span.set_attribute("gateway.without_store", list(ctx.without_store))
+        if ctx.usage is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", ctx.usage[0])
+            span.set_attribute("gen_ai.usage.output_tokens", ctx.usage[1])
+        if ctx.status >= 500 or (ctx.status == 200 and not ctx.complete and ctx.responded):
+            span.set_status(Status(StatusCode.ERROR))
 
 
 def build(settings: TracingConfig, env: Mapping[str, str] | None = None) -> Tracing | None:

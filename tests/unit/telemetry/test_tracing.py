@@ -142,7 +142,7 @@ def test_attempt_spans_are_children_and_carry_the_genai_attributes() -> None:
     tracing, exporter = traced()
     request = tracing.start_request(scope(headers=[(b"traceparent", TRACEPARENT)]))
     first = request.attempt("chat/completions", "anthropic", "claude/claude-3-5", "claude-3-5", 1)
-    headers = dict(RequestTrace.headers(first))
+    headers = dict(request.headers(first))
     RequestTrace.end_attempt(first, 529, "upstream_overloaded")
     second = request.attempt(
         "embeddings", "openai", "oai/text-embedding-3-small", "text-embedding-3-small", 2
@@ -166,6 +166,13 @@ def test_unsampled_requests_make_no_span_but_still_name_their_trace() -> None:
     tracing, exporter = traced(ALWAYS_OFF)
     result = asyncio.run(call(TracingMiddleware(answer, tracing=tracing), scope(), [b"{}"]))
     assert spans(tracing, exporter) == () and len(result.headers[b"x-trace-id"]) == 32
+    # The upstream still gets the trace, unsampled, with the server span as its parent.
+    request = tracing.start_request(scope(headers=[(b"traceparent", TRACEPARENT[:-2] + b"00")]))
+    attempt = request.attempt("chat/completions", "openai", "oai/m", "m", 1)
+    assert attempt is None and not request.recording
+    (parent,) = request.headers(attempt)
+    assert parent == (b"traceparent", f"00-{PARENT_TRACE}-{request.span_id}-00".encode())
+    RequestTrace.end_attempt(attempt, 200)  # nothing to end
     tracing.shutdown()
 
 
