@@ -77,7 +77,7 @@ async def main() -> None:
     off = min([await run(inner) for _ in range(RUNS)])
     for label, on_us in results.items():
         added = on_us - off
-        print(f"tracing sampled {label}: {added:.2f} us CPU per request added (on {on_us:.2f}, off {off:.2f})")
+        print(f"tracing sampled {label}: +{added:.2f} us CPU per request (on {on_us:.2f}, off {off:.2f})")
 
 
 if __name__ == "__main__":
