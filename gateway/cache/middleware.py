@@ -294,9 +294,15 @@ class CacheMiddleware:
             return
         reply = lookup.reply
         if reply is None:
+            trace = ctx.trace
+            span = trace.store_call(lookup.call[0].name) if trace is not None else None
             try:
                 reply = await self.cache.store.run(*lookup.call)
+                if trace is not None:
+                    trace.end_store(span, None)
             except StoreError as exc:
+                if trace is not None:
+                    trace.end_store(span, exc)
                 self.cache.outage_seen(exc)
                 ctx.without_store += ("cache",)
                 if self.cache.outage == "closed":

@@ -141,13 +141,18 @@ class Limiter:
         owed = ledger.take() if ledger else []
         if owed:
             calls.insert(0, (RECONCILE, [PREFIX], owed))
+        trace = ctx.trace
+        span = trace.store_call(", ".join(c[0].name for c in calls)) if trace is not None else None
+        failed: StoreError | None = None
         try:
             if len(calls) == 1:
                 replies = [await self.store.run(ADMIT, [PREFIX], args)]
             else:
                 replies = await self.store.run_many(calls)
         except StoreError as exc:
-            replies = [exc] * len(calls)
+            replies, failed = [exc] * len(calls), exc
+        if trace is not None:
+            trace.end_store(span, failed)
         if owed and isinstance(replies.pop(0), StoreError) and ledger is not None:
             ledger.restore(owed)  # the store did not take it: owed still
         reply = replies[0]

@@ -195,6 +195,26 @@ class RequestTrace:
             },
         )
 
+    def store_call(self, scripts: str) -> Span | None:
+        """A client span for one store round trip before the upstream call (`scripts`: what it runs)."""
+        if not self.recording:
+            return None
+        return self.tracer.start_span(
+            "store " + scripts,
+            context=trace.set_span_in_context(self.span),
+            kind=SpanKind.CLIENT,
+            attributes={"db.operation.name": "EVALSHA", "gateway.scripts": scripts},
+        )
+
+    @staticmethod
+    def end_store(span: Span | None, error: BaseException | None) -> None:
+        if span is None:
+            return
+        if error is not None:
+            span.set_attribute("error.type", type(error).__name__)
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
     def headers(self, span: Span | None) -> list[tuple[bytes, bytes]]:
         """W3C `traceparent` (and `tracestate`) for the upstream request: the attempt's span, else
         the server's. Written here: the SDK's propagator costs several µs per call."""
