@@ -313,6 +313,12 @@ async def measure(
     return s
 
 
+def failed_requests(record: dict[str, Any], scenario: str) -> int:
+    """Failed requests over every round of a scenario that keeps `record[scenario]["rounds"]`."""
+    rounds = record.get(scenario, {}).get("rounds", [])
+    return sum(sum(s["errors"].values()) for rnd in rounds for s in rnd["runs"].values())
+
+
 def noise(summaries: Iterable[dict[str, Any]]) -> list[float]:
     """Other processes' CPU + hypervisor steal, % of a core, of each measurement."""
     return [s["cpu_pct"]["others"] + s["cpu_pct"]["steal"] for s in summaries if "others" in s["cpu_pct"]]

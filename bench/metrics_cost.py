@@ -22,6 +22,7 @@ from bench.harness import (
     Target,
     chat_body,
     ensure_alive,
+    failed_requests,
     free_port,
     measure,
     noise,
@@ -88,8 +89,7 @@ async def run(args: argparse.Namespace, logs: Path, record: dict[str, Any], proc
 
 
 def failed(record: dict[str, Any]) -> int:
-    rounds = record.get("metrics", {}).get("rounds", [])
-    return sum(sum(s["errors"].values()) for rnd in rounds for s in rnd["runs"].values())
+    return failed_requests(record, "metrics")
 
 
 def render(record: dict[str, Any]) -> str:

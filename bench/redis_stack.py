@@ -38,6 +38,7 @@ from bench.harness import (
     Target,
     chat_body,
     ensure_alive,
+    failed_requests,
     free_port,
     measure,
     probes,
@@ -190,8 +191,7 @@ async def run(args: argparse.Namespace, logs: Path, record: dict[str, Any], proc
 
 
 def failed(record: dict[str, Any]) -> int:
-    rounds = record.get("redis", {}).get("rounds", [])
-    return sum(sum(s["errors"].values()) for rnd in rounds for s in rnd["runs"].values())
+    return failed_requests(record, "redis")
 
 
 def render(record: dict[str, Any]) -> str:
