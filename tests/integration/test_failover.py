@@ -135,7 +135,7 @@ async def test_retries_end_at_the_total_deadline(app: Any, mock: MockOpenAI) -> 
     r = await chat(app, model="solo")
     assert r.status_code == 500 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     # Backoffs of at most 20 ms cannot fit 1000 retries in 0.3 s: the deadline ended them.
-    assert 1 < len(mock.requests) < 1001
+    assert len(mock.requests) > 1 and len(mock.requests) < 1001
 
 
 async def test_hung_deployment_fails_over_after_first_byte_timeout(app: Any, mock: MockOpenAI, second: MockOpenAI) -> None:
