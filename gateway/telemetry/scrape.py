@@ -128,6 +128,9 @@ class MetricsService:
         counts = self.metrics.counts
         workers = 1
         if self.share is not None:
+            # Ours first, as reported here: a later scrape answered by another worker then sees at
+            # least these counts of ours, so no counter goes back between two scrapes.
+            self.share.write(counts, gauges)
             others, shared, alive = self.share.others()
             counts = _sum(counts, others)
             workers += alive

@@ -4,8 +4,10 @@ A scrape reaches one worker, and must report the sum over all of them. Each
 worker writes its whole state (counts and gauges) to its own file in a
 directory `gateway serve` makes empty for the run, every `share_interval_s` and
 when it stops; the worker a scrape reaches adds the others' files to its own
-live counts. A file is replaced whole (write, then rename), so a reader never
-sees half of one.
+live counts, after writing its own: what one scrape reported of a worker, every
+later scrape (whichever worker answers it) reports at least, so no counter goes
+back between scrapes. A file is replaced whole (write, then rename), so a reader
+never sees half of one.
 
 A worker that dies leaves its file: its counts stay in the sum, so counters
 never go back when uvicorn starts a replacement (which gets a file of its own,
