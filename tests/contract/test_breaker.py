@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
+import msgspec
 import pytest
 
 from gateway.routing.breaker import PROBE, Admission, Breakers, BreakerSettings, Outcome
@@ -137,17 +138,19 @@ class TestOpening:
 
 @all_stores
 class TestProbing:
-    async def test_exactly_one_probe_among_20_concurrent_requests_on_two_replicas(
-        self, replicas: Replicas
-    ) -> None:
-        await replicas.open()
-        assert set(await admits(replicas, 20)) == {Admission.REJECT}  # cooling down
-        await anyio.sleep(FAST.cooldown_s + 0.02)
-        results = await admits(replicas, 20)
-        assert results.count(Admission.PROBE) == 1
-        assert results.count(Admission.REJECT) == 19
-        await replicas.both("half_open")
-        assert set(await admits(replicas, 20)) == {Admission.REJECT}  # while the probe runs
+    async def test_exactly_one_probe_among_20_concurrent_requests_on_two_replicas(self, store: Store) -> None:
+        # A cooldown long enough that opening on both replicas (pub/sub on a loaded cluster) cannot
+        # outlast it: the first admissions must still find it cooling down.
+        settings = msgspec.structs.replace(FAST, cooldown_s=1.0, max_cooldown_s=2.0)
+        async with Replicas(store, settings) as replicas:
+            await replicas.open()
+            assert set(await admits(replicas, 20)) == {Admission.REJECT}  # cooling down
+            await anyio.sleep(settings.cooldown_s + 0.02)
+            results = await admits(replicas, 20)
+            assert results.count(Admission.PROBE) == 1
+            assert results.count(Admission.REJECT) == 19
+            await replicas.both("half_open")
+            assert set(await admits(replicas, 20)) == {Admission.REJECT}  # while the probe runs
 
     async def test_exactly_one_probe_granted_by_the_store(self, store: Store) -> None:
         """The store's part alone: concurrent probe scripts, however many, grant one lease."""
