@@ -136,6 +136,7 @@ class Behaviour:
     hang: bool = False  # never answer; wait for the client to go away
     chunks: int | None = None  # stream content as this many chunks "chunk0 ", "chunk1 ", ...
     chunk_delay: float = 0.0  # seconds between stream events
+    end_delay: float = 0.0  # seconds between `data: [DONE]` and the stream's end (its last chunk)
     reset_after: int | None = None  # abort the TCP connection (RST) after this many content chunks
     error_after: int | None = None  # send an in-stream error event after this many content chunks
     times: int | None = None  # match only this many requests (None: every one)
@@ -499,6 +500,8 @@ class Connection:
                 content_sent += 1
             await self._send_data(b"data: " + json.dumps(event).encode() + b"\n\n")
         await self._send_data(b"data: [DONE]\n\n")
+        if behaviour and behaviour.end_delay:
+            await self._wait_gone(behaviour.end_delay)
         await self._send_end()
 
     # -- writing -----------------------------------------------------------

@@ -35,7 +35,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.providers import OPERATION_CAPABILITY, Capability
+from gateway.providers import OPERATION_CAPABILITY, Capability, StreamTranslator
 from gateway.providers.base import find_usage
 from gateway.routing.breaker import Admission, Breakers, Outcome
 from gateway.routing.failures import Failed, error_event, read_error, send_error, send_failure
@@ -323,18 +323,18 @@ class Forward:
             rid = ctx.request_id.decode()
             log.warning("upstream %s stream broke (request %s): %s", route.id, rid, exc.message)
             self.breakers.record(route.id, Outcome.FAILURE)
-            self.count(ctx, None)  # a request all the same; its tokens are unknown
+            self.count(ctx, seen_usage(translator, previous + last))  # its tokens, if the usage came first
             await send({"type": "http.response.body", "body": error_event(exc.body())})
             return
         except asyncio.CancelledError:
-            self.count(ctx, None)  # the client went away mid-stream
+            # The client went away: often just after `[DONE]`, before the upstream's own end came,
+            # so the usage event it asked for (or the gateway did) may well be in already.
+            self.count(ctx, seen_usage(translator, previous + last))
             raise
         finally:
             ctx.streamed = events  # also when the client went away (cancelled) mid-stream
         end = translator.finish() if translator else b""
-        # A translator's count (it may have kept the usage event from the client), else the stream's own.
-        usage = translator.usage if translator is not None else None
-        self.count(ctx, usage or find_usage(previous + last + end))
+        self.count(ctx, seen_usage(translator, previous + last + end))
         await send({"type": "http.response.body", "body": end})
         # An error event (ours, a translator's, or the upstream's own) means the answer is not whole.
         ctx.complete = b'"error"' not in last + end
@@ -345,3 +345,10 @@ class Forward:
             ctx.tokens = usage[0] + usage[1]
         if ctx.policy is not None:
             self.usage.add(ctx.policy.key_id, ctx.model, usage)
+
+
+def seen_usage(translator: StreamTranslator | None, tail: bytes) -> tuple[int, int] | None:
+    """A stream's usage so far: its translator's count (it may have kept the usage event from the
+    client), else the usage event in the stream's last reads."""
+    usage = translator.usage if translator is not None else None
+    return usage or find_usage(tail)

@@ -8,6 +8,7 @@ cache filled by another test.
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import struct
 import time
@@ -647,3 +648,34 @@ def test_no_secret_in_the_log(gateway_factory: GatewayFactory, mock_upstream: Mo
     assert wrong not in log
     # Not vacuous: the log does record requests (the access log names each request's id).
     assert probe in log, "no access log line carries the request id"
+
+
+def test_a_client_leaving_right_after_done_is_counted_with_the_usage_it_got(
+    gateway: GatewayProcess, mock_upstream: MockOpenAI
+) -> None:
+    # The upstream ends its stream 2 s after `[DONE]`; the client hangs up as soon as it reads it.
+    mock_upstream.behave(end_delay=2.0)
+    with gateway.http(ADMIN_KEY) as admin:
+        made = admin.post("/admin/keys", json={"name": "svc-leaves-early", "models": ["gpt-*"]}).json()
+    body = json.dumps({"model": "gpt-mini", "stream": True, "messages": user(unique("leave early"))}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            + f"authorization: Bearer {made['secret']}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while b"data: [DONE]" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    deadline = time.monotonic() + 10
+    with gateway.http(ADMIN_KEY) as admin:
+        while True:
+            report = admin.get("/admin/usage", params={"key": made["id"]}).json()["models"]
+            if report or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    usage = report["gpt-mini"]
+    # The mock counts words: 3 in the prompt, 4 in its "echo: " answer; not a stream cut short.
+    assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 3, 4)
