@@ -14,6 +14,7 @@ import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -122,6 +123,17 @@ def test_chat_stream_with_usage(store_gateway: GatewayProcess, mock_upstream: Mo
     assert mock_upstream.requests[0].json()["stream_options"] == {"include_usage": True}
 
 
+def usage_report(gateway: GatewayProcess, key_id: str) -> dict[str, Any]:
+    """The key's usage per model, once the gateway has stored some (it writes once a second)."""
+    deadline = time.monotonic() + 10
+    with gateway.http(ADMIN_KEY) as admin:
+        while True:
+            report: dict[str, Any] = admin.get("/admin/usage", params={"key": key_id}).json()["models"]
+            if report or time.monotonic() > deadline:
+                return report
+            time.sleep(0.1)
+
+
 def test_chat_stream_without_usage_hides_it_and_counts_it(
     store_gateway: GatewayProcess, mock_upstream: MockOpenAI
 ) -> None:
@@ -139,14 +151,7 @@ def test_chat_stream_without_usage_hides_it_and_counts_it(
     assert mock_upstream.requests[0].json()["stream_options"] == {"include_usage": True}
 
     # The mock counts words: 3 in the prompt, 4 in its "echo: " answer. Usage is stored once a second.
-    deadline = time.monotonic() + 10
-    with store_gateway.http(ADMIN_KEY) as admin:
-        while True:
-            report = admin.get("/admin/usage", params={"key": made["id"]}).json()["models"]
-            if report or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    usage = report["gpt-mini"]
+    usage = usage_report(store_gateway, made["id"])["gpt-mini"]
     assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 3, 4)
 
 
@@ -669,13 +674,6 @@ def test_a_client_leaving_right_after_done_is_counted_with_the_usage_it_got(
             chunk = sock.recv(65536)
             assert chunk, received
             received += chunk
-    deadline = time.monotonic() + 10
-    with gateway.http(ADMIN_KEY) as admin:
-        while True:
-            report = admin.get("/admin/usage", params={"key": made["id"]}).json()["models"]
-            if report or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    usage = report["gpt-mini"]
+    usage = usage_report(gateway, made["id"])["gpt-mini"]
     # The mock counts words: 3 in the prompt, 4 in its "echo: " answer; not a stream cut short.
     assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 3, 4)
