@@ -17,7 +17,7 @@ import bisect
 import random
 from collections.abc import Callable, Iterator
 
-from gateway.limits.specs import ADMIT, MINUTE_BUCKET_MS, MINUTE_MS, PREFIX, REQUESTS, SLIDING, Spec
+from gateway.limits.specs import ADMIT, MINUTE_BUCKET_MS, MINUTE_MS, REQUESTS, SLIDING, Spec
 from gateway.store import MemoryStore
 
 Pattern = Callable[[random.Random, float], Iterator[float]]
@@ -55,13 +55,11 @@ LIMIT = 100
 async def admitted_times(arrivals: list[float]) -> list[float]:
     now = [0.0]
     store = MemoryStore(clock=lambda: 1_700_000_000 + now[0])
-    spec = Spec(SLIDING, "k:bench:rpm", LIMIT, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "bench").args(
-        0, 1
-    )
+    spec = Spec(SLIDING, "gw:{k:bench}:rpm", LIMIT, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "bench")
     admitted = []
     for t in arrivals:
         now[0] = t
-        if int((await store.run(ADMIT, [PREFIX], ["", 0, 0, *spec]))[0]):
+        if int((await store.run(ADMIT, [spec.tag], ["", 0, *spec.args(1)]))[0]):
             admitted.append(t)
     return admitted
 

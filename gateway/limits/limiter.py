@@ -1,11 +1,15 @@
-"""A request's admission: the limits that apply, one script run, the 429, and the settling after.
+"""A request's admission: the limits that apply, one round trip, the 429, and the settling after.
 
-`admit` gathers the key's limits, the key's limits on the model and the quotas
-of the model's deployments up to the first one without a quota (the router's
-order; deployments whose breaker is open are left out), and runs the ADMIT
-script once. `charge` pays a deployment's quota when a failed attempt moves on
-to it. `settle`, after the answer went out, corrects the tokens and cost to the
-real usage and releases the concurrency lease, in one more script run.
+`admit` gathers the key's limits and the key's limits on the model (one ADMIT
+call, on the key's hash tag) and the quotas of the model's deployments up to the
+first one without a quota (the router's order; deployments whose breaker is open
+are left out). The key's call and the first deployment's (on its own tag) go in
+one round trip; a later deployment is asked only when the ones before it are
+full. Each call charges all its counters or none; when one side refuses, what
+the other reserved is given back. `charge` pays a deployment's quota when a
+failed attempt moves on to it. `settle`, after the answer went out, corrects the
+tokens and cost to the real usage and releases the concurrency lease, batched
+with other requests' (one SETTLE per tag, in one round trip).
 
 Store down (`outage.py`): `store.outage.limits: open` (the default) serves and counts
 rpm, tpm, rpd and concurrency on this replica alone, `closed` answers 503; a key with
@@ -15,17 +19,17 @@ a budget is answered 503 under `store.outage.budgets: closed` (the default), or 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.config import Limits
 from gateway.context import Admission, Lookup, RequestContext
 from gateway.errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.limits.batch import Batch
 from gateway.limits.outage import Ledger, Local
 from gateway.limits.specs import (
     ADMIT,
@@ -34,21 +38,19 @@ from gateway.limits.specs import (
     DEFAULT_COMPLETION_TOKENS,
     LEASE,
     NANO_USD_PER_MTOK,
-    PREFIX,
-    RECONCILE,
     RELEASE,
     REQUESTS,
-    SETTLE,
     TOKENS,
     Spec,
     counter_of,
     estimate,
+    key_base,
+    later,
     lease_member,
     reason,
     specs_of,
 )
 from gateway.store import Call, Store, StoreError
-from gateway.tasks import Background
 
 if TYPE_CHECKING:
     from gateway.auth.keys import Policy
@@ -86,11 +88,12 @@ class Limiter:
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (the limiter lives as long as its config)
     def specs(self, key_id: str, limits: Limits, alias: str, model_limits: Limits | None) -> tuple[Spec, ...]:
-        found = specs_of(limits, f"k:{key_id}", "this key", self.lease_ms)
+        base = key_base(key_id)
+        found = specs_of(limits, base, "this key", self.lease_ms)
         if model_limits:
             scope = f"this key for `{alias}`"
             # One lease per request: a concurrency cap is the key's (config refuses it per model).
-            per_model = specs_of(model_limits, f"k:{key_id}:m:{alias}", scope, 0)
+            per_model = specs_of(model_limits, f"{base}:m:{alias}", scope, 0)
             found += tuple(s for s in per_model if s.kind != LEASE)
         return found
 
@@ -110,18 +113,21 @@ class Limiter:
         """Charge every limit of the request or raise the 429 naming the one that said no.
 
         Returns None when nothing limits this request. Sets the x-ratelimit-* headers.
-        A cache `lookup` to run goes in the same round trip; its reply lands in `lookup.reply`.
+        The key's limits and the first deployment's quota are two ADMIT calls (their tags may
+        live on two cluster nodes) sent in one round trip with the cache `lookup`, if any (its
+        reply lands in `lookup.reply`). When that deployment is full the next ones are tried in
+        turn; what one call reserved is released when the other refuses.
         """
         policy: Policy | None = ctx.policy
         assert policy is not None
         required = self.specs(policy.key_id, policy.limits, ctx.model, policy.model_limits.get(ctx.model))
         alternatives: list[Route] = []
-        free = 0
+        free = False
         for route in plan:
             if self.breakers.rejects(route.id):
                 continue
             if not route.quota:
-                free = 1
+                free = True
                 break
             alternatives.append(route)
         if not required and not alternatives:
@@ -129,56 +135,159 @@ class Limiter:
         admission = Admission(lease_member() if any(s.kind == LEASE for s in required) else "", 0, 0)
         if _counts_usage(required) or any(_counts_usage(r.quota) for r in alternatives):
             admission.tokens, admission.cost = self._estimate(ctx)  # serialises the prompt: only when needed
-        args: list[str | int | bytes] = [admission.member, len(alternatives), free]
-        for group, specs in enumerate((required, *(r.quota for r in alternatives))):
-            for spec in specs:
-                args += spec.args(group, self._amount(spec, admission))
-        calls: list[Call] = [(ADMIT, [PREFIX], args)]
+        calls: list[Call] = []
+        if required:
+            calls.append(self._call(required, admission, report=True))
+        if alternatives:
+            calls.append(self._call(alternatives[0].quota, admission))
+        decided = len(calls)
         if lookup is not None and lookup.call is not None:
             calls.append(lookup.call)
         ledger = self.ledger
         # The first admission after an outage first writes the budgets' spend this replica owes.
         owed = ledger.take() if ledger else []
-        if owed:
-            calls.insert(0, (RECONCILE, [PREFIX], owed))
+        replies = await self._run(ctx, [*owed, *calls])
+        for call, reply in zip(owed, replies, strict=False):
+            if isinstance(reply, StoreError) and ledger is not None:
+                ledger.restore(call[2])  # the store did not take it: owed still
+        replies = replies[len(owed) :]
+        if lookup is not None and len(replies) > decided and not isinstance(replies[decided], StoreError):
+            lookup.reply = replies[decided]  # else the cache tries on its own
+        mine = replies[0] if required else None
+        theirs = replies[decided - 1] if alternatives else None
+        if isinstance(mine, StoreError):
+            await self._release(admission, (), None, alternatives, theirs)  # the deployment's node answered
+            return self._without_store(ctx, required, admission, mine)
+        if isinstance(theirs, StoreError):
+            self._log_outage(theirs)
+            ctx.without_store += ("limits",)
+            if self.outage == "closed":
+                await self._release(admission, required, mine, (), None)
+                raise _limits_unavailable()
+            theirs = None  # its quota unchecked: the deployment is tried as if it had room
+        refusal: tuple[Spec, int, bool] | None = None  # the limit, its ms to reset, a deployment's
+        if mine is not None:
+            admitted, refused, reset_ms, now = (int(x) for x in mine[:4])
+            ctx.extra_headers += _headers(required, [int(x) for x in mine[4:]])
+            if ledger is not None:
+                for index, spec in enumerate(required):
+                    if spec.counts == COST:  # what this budget has spent, should the store go away
+                        ledger.seen(spec, now, int(mine[4 + 2 * index]))
+            if admitted:
+                admission.lease = next((s for s in required if s.kind == LEASE), None)
+                admission.charges += [
+                    (s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE
+                ]
+            else:
+                refusal = (required[refused - 1], reset_ms, False)
+        if alternatives:
+            full = self._paid(alternatives[0], theirs, admission) if theirs is not None else None
+            if refusal is not None:  # the key refused: what the deployment reserved goes back
+                await self._release(admission, (), None, alternatives, theirs)
+                alone = full is not None and len(alternatives) == 1 and not free  # and that one is full
+                if alone and self._longer(full, refusal, admission):
+                    refusal = full
+            elif full is None:
+                admission.prepaid = alternatives[0]
+            else:
+                try:
+                    refusal = await self._fall_back(admission, alternatives, free, full)
+                except StoreError:
+                    await self._release(admission, required, mine, (), None)
+                    raise _limits_unavailable() from None
+                if refusal is not None:  # every deployment is full: the key's charges go back
+                    await self._release(admission, required, mine, (), None)
+        if refusal is not None:
+            spec, reset_ms, deployments = refusal
+            ctx.refused = "quota" if deployments else spec.label
+            raise _refusal(spec, reset_ms, deployments, ctx.model, self._amount(spec, admission))
+        return admission
+
+    async def _fall_back(
+        self, admission: Admission, alternatives: list[Route], free: bool, full: tuple[Spec, int, bool]
+    ) -> tuple[Spec, int, bool] | None:
+        """The first deployment is full: charge the next with room (one round trip each), or none
+        when a deployment without quota follows them. Else the refusal of the one that frees soonest.
+        A store failure is raised under `store.outage.limits: closed`; when open, that deployment is
+        tried as if it had room."""
+        soonest = full
+        for index, route in enumerate(alternatives[1:], 1):
+            admission.skipped = tuple(alternatives[:index])
+            try:
+                over = self._paid(route, await self.store.run(*self._call(route.quota, admission)), admission)
+            except StoreError as exc:
+                self._log_outage(exc)
+                if self.outage == "closed":
+                    raise
+                return None
+            if over is None:
+                admission.prepaid = route
+                return None
+            if self._longer(soonest, over, admission):
+                soonest = over
+        admission.skipped = tuple(alternatives)
+        return None if free else soonest
+
+    async def _run(self, ctx: RequestContext, calls: list[Call]) -> list[Any]:
+        """The replies of `calls`, in one round trip; a StoreError in place of each when it failed."""
         trace = ctx.trace
         span = trace.store_call(", ".join(c[0].name for c in calls)) if trace is not None else None
         failed: StoreError | None = None
         try:
-            if len(calls) == 1:
-                replies = [await self.store.run(ADMIT, [PREFIX], args)]
-            else:
-                replies = await self.store.run_many(calls)
+            replies = (
+                [await self.store.run(*calls[0])] if len(calls) == 1 else await self.store.run_many(calls)
+            )
         except StoreError as exc:
             replies, failed = [exc] * len(calls), exc
         if trace is not None:
             trace.end_store(span, failed)
-        if owed and isinstance(replies.pop(0), StoreError) and ledger is not None:
-            ledger.restore(owed)  # the store did not take it: owed still
-        reply = replies[0]
-        if lookup is not None and len(replies) > 1 and not isinstance(replies[1], StoreError):
-            lookup.reply = replies[1]  # else the cache tries on its own
-        if isinstance(reply, StoreError):
-            return self._without_store(ctx, required, admission, reply)
-        admitted, refused, reset_ms, chosen, now = (int(x) for x in reply[:5])
-        ctx.extra_headers += _headers(required, [int(x) for x in reply[5:]])
-        if ledger is not None:
-            for index, spec in enumerate(required):
-                if spec.counts == COST:  # what this budget has spent, should the store go away
-                    ledger.seen(spec, now, int(reply[5 + 2 * index]))
-        if not admitted:
-            every = [*required, *(s for r in alternatives for s in r.quota)]
-            spec = every[refused - 1]
-            ctx.refused = "quota" if refused > len(required) else spec.label
-            raise _refusal(spec, reset_ms, refused > len(required), ctx.model, self._amount(spec, admission))
-        admission.lease = next((s for s in required if s.kind == LEASE), None)
-        admission.charges += [(s, now, self._amount(s, admission), None) for s in required if s.kind != LEASE]
-        if chosen:
-            route = alternatives[chosen - 1]
-            admission.prepaid = route
-            admission.charges += [(s, now, self._amount(s, admission), route) for s in route.quota]
-        admission.skipped = tuple(alternatives[: chosen - 1] if chosen else alternatives)
-        return admission
+        return replies
+
+    def _call(self, specs: tuple[Spec, ...], admission: Admission, *, report: bool = False) -> Call:
+        """ADMIT on `specs`, which share one tag; `report` asks for every limit's state (headers)."""
+        args: list[str | int | bytes] = [admission.member if report else "", 1 if report else 0]
+        for spec in specs:
+            args += spec.args(self._amount(spec, admission))
+        return ADMIT, [specs[0].tag], args
+
+    def _paid(self, route: Route, reply: Any, admission: Admission) -> tuple[Spec, int, bool] | None:
+        """None when ADMIT charged `route`'s quota (recorded in `admission`), else its refusal."""
+        if not int(reply[0]):
+            return route.quota[int(reply[1]) - 1], int(reply[2]), True
+        now = int(reply[3])
+        admission.charges += [(s, now, self._amount(s, admission), route) for s in route.quota]
+        return None
+
+    def _longer(self, a: tuple[Spec, int, bool], b: tuple[Spec, int, bool], admission: Admission) -> bool:
+        """Whether refusal `a` holds the request back longer than `b` (a retry at its reset passes both)."""
+        never_a, never_b = (self._amount(r[0], admission) > r[0].limit for r in (a, b))
+        return later(never_a, a[1], never_b, b[1])
+
+    async def _release(
+        self,
+        admission: Admission,
+        required: tuple[Spec, ...],
+        mine: Any,
+        alternatives: Sequence[Route],
+        theirs: Any,
+    ) -> None:
+        """Undo what the key's call (`mine`) and the first deployment's (`theirs`) reserved, when
+        they did: the other side refused, or could not be asked. Meanwhile a request may be refused
+        that would have fitted (the conservative side of a race; never an admission too many)."""
+        groups: dict[str, list[str | int | bytes]] = {}
+        for specs, reply, member in ((required, mine, admission.member), (_quota(alternatives), theirs, "")):
+            if not specs or reply is None or isinstance(reply, StoreError) or not int(reply[0]):
+                continue
+            now = int(reply[3])
+            args = groups.setdefault(specs[0].tag, [])
+            for spec in specs:
+                if spec.kind == LEASE:
+                    args += [RELEASE, spec.name, member]
+                elif amount := self._amount(spec, admission):
+                    args += [CORRECT, counter_of(spec, now), -amount]
+            admission.charges = [c for c in admission.charges if c[0] not in specs]
+        if groups:
+            await self._settling.add(groups)
 
     def _amount(self, spec: Spec, admission: Admission) -> int:
         return admission.tokens if spec.counts == TOKENS else admission.cost if spec.counts == COST else 1
@@ -191,25 +300,15 @@ class Limiter:
         admission = ctx.admission
         if not admission.tokens and _counts_usage(route.quota):
             admission.tokens, admission.cost = self._estimate(ctx)
-        args: list[str | int | bytes] = ["", 0, 0]
-        for spec in route.quota:
-            args += spec.args(0, self._amount(spec, admission))
         try:
-            reply = await self.store.run(ADMIT, [PREFIX], args)
+            full = self._paid(route, await self.store.run(*self._call(route.quota, admission)), admission)
         except StoreError as exc:
             self._log_outage(exc)
-            if self.outage == "open":
-                return None
-            return ServiceUnavailable(
-                "Deployment quotas cannot be checked right now (store unreachable); try again shortly.",
-                code="limits_unavailable",
-            )
-        if not int(reply[0]):
-            spec = route.quota[int(reply[1]) - 1]
-            return _refusal(spec, int(reply[2]), True, ctx.model, self._amount(spec, admission))
-        now = int(reply[4])
-        admission.charges += [(s, now, self._amount(s, admission), route) for s in route.quota]
-        return None
+            return None if self.outage == "open" else _limits_unavailable()
+        if full is None:
+            return None
+        spec, reset_ms, _ = full
+        return _refusal(spec, reset_ms, True, ctx.model, self._amount(spec, admission))
 
     async def settle(self, ctx: RequestContext) -> None:
         """Correct the estimates to what the answer used and release the lease."""
@@ -221,9 +320,9 @@ class Limiter:
         if capped:
             # A stream cut short before its usage: the prompt, and about a token per event relayed.
             usage = (estimate(ctx.body)[0], ctx.streamed or 0)
-        args: list[str | int | bytes] = []
+        groups: dict[str, list[str | int | bytes]] = {}
         if admission.lease is not None:
-            args += [RELEASE, admission.lease.name, admission.member]
+            groups[admission.lease.tag] = [RELEASE, admission.lease.name, admission.member]
         for spec, now, amount, route in admission.charges:
             if spec.counts == REQUESTS:
                 actual = 0 if hit and route is not None else amount  # a hit never reached the deployment
@@ -242,11 +341,11 @@ class Limiter:
                     assert self.ledger is not None
                     self.ledger.correct(spec, now, actual - amount)
                 else:
-                    args += [CORRECT, counter_of(spec, now), actual - amount]
+                    groups.setdefault(spec.tag, []).extend((CORRECT, counter_of(spec, now), actual - amount))
         if admission.local:
             self._local.release(admission.member)
-        elif args:  # nothing to correct and no lease: no round trip
-            await self._settling.add(args)
+        elif groups:  # nothing to correct and no lease: no round trip
+            await self._settling.add(groups)
 
     def _without_store(
         self, ctx: RequestContext, required: tuple[Spec, ...], admission: Admission, exc: StoreError
@@ -283,40 +382,15 @@ class Limiter:
             log.error("limits: store unreachable, %s, budgets %s (%d so far): %s", policy, budgets, n, exc)
 
 
-class Batch:
-    """Settlements that arrive while one is on its way to the store go together, in one SETTLE.
+def _quota(routes: Sequence[Route]) -> tuple[Spec, ...]:
+    return routes[0].quota if routes else ()
 
-    Nothing waits to fill a batch: at low load each goes at once; under load the
-    round trips per request fall with the queue.
-    """
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._queue: list[tuple[list[str | int | bytes], asyncio.Future[None]]] = []
-        self._draining = False
-        self._background = Background()
-
-    async def add(self, args: list[str | int | bytes]) -> None:
-        """Queue `args` and wait until they were applied (or failed: logged, the estimates stand)."""
-        done = asyncio.get_running_loop().create_future()
-        self._queue.append((args, done))
-        if not self._draining:
-            self._draining = True
-            self._background.spawn(self._drain())
-        await asyncio.shield(done)  # a cancelled request must not cancel the others' batch
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    await self.store.run(SETTLE, [PREFIX], [a for args, _ in batch for a in args])
-                except StoreError as exc:
-                    log.warning("limits of %d requests not settled (estimates stand): %s", len(batch), exc)
-                for _, done in batch:
-                    done.set_result(None)
-        finally:
-            self._draining = False
+def _limits_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "Deployment quotas cannot be checked right now (store unreachable); try again shortly.",
+        code="limits_unavailable",
+    )
 
 
 def _counts_usage(specs: tuple[Spec, ...]) -> bool:

@@ -19,13 +19,15 @@ that has not admitted the key since it started counts from zero).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from limits import RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from gateway.context import Admission
-from gateway.limits.specs import COST, LEASE, TOKENS, Spec, calendar, counter_of
+from gateway.limits.specs import COST, LEASE, RECONCILE, TOKENS, Spec, calendar, counter_of, tag_of
+from gateway.store import Call
 
 
 class Local:
@@ -116,18 +118,19 @@ class Ledger:
         """A locally admitted request cost `delta` more (or less) than charged at `now`."""
         self._owed.setdefault(counter_of(spec, now), [0, now + calendar(spec.window_ms, now)[2]])[0] += delta
 
-    def take(self) -> list[str | int | bytes]:
-        """RECONCILE's arguments for everything owed, now forgotten here (`restore` if they fail)."""
+    def take(self) -> list[Call]:
+        """RECONCILE calls, one per budget's tag, for everything owed, now forgotten here (`restore`
+        the arguments of any that fails)."""
         now = int(time.time() * 1000)
-        args: list[str | int | bytes] = []
+        by_tag: dict[str, list[str | int | bytes]] = {}
         for counter, (amount, expiry) in self._owed.items():
             if expiry > now and amount:  # a window already over: its counter is gone, nothing to add
-                args += [counter, amount, expiry - now]
+                by_tag.setdefault(tag_of(counter), []).extend((counter, amount, expiry - now))
         self._owed.clear()
-        return args
+        return [(RECONCILE, [tag], args) for tag, args in by_tag.items()]
 
-    def restore(self, args: list[str | int | bytes]) -> None:
-        """Owe again what `take` handed out: the store did not take it."""
+    def restore(self, args: Sequence[str | int | bytes | float]) -> None:
+        """Owe again what a call of `take` handed out: the store did not take it."""
         now = int(time.time() * 1000)
         for i in range(0, len(args), 3):
             counter, amount, ttl = str(args[i]), int(args[i + 1]), int(args[i + 2])

@@ -29,15 +29,17 @@ Tokens and cost are charged as an estimate on admission (prompt characters / 4
 + the completion tokens asked for) and corrected by `settle` after the answer,
 to its real usage (0 for an error or a cache hit).
 
-Store schema: every limit of every key and deployment lives under one hash tag,
-`{rl}`, because one script must touch all of a request's counters (a key's and a
-deployment's) and Redis Cluster runs a script on one slot only:
-    gw:{rl}:k:<key id>:<rpm|tpm|rpd>:<bucket number>       counter; expires window + 2 buckets after
+Store schema: a key's limits live under its own hash tag and each deployment's quota
+under its own, so on Redis Cluster they spread over the shards. A script runs on one
+slot, so a request whose key and deployment both have limits runs ADMIT once per tag
+(in one round trip: pipelined, or in parallel per node); when one refuses, what the
+other reserved is released (limiter.py):
+    gw:{k:<key id>}:<rpm|tpm|rpd>:<bucket number>          counter; expires window + 2 buckets after
                                                            its last charge
-    gw:{rl}:k:<key id>:m:<alias>:<rpm|tpm|rpd>:<bucket>    the key's limits on one model
-    gw:{rl}:k:<key id>:usd:<day or month number>           budget spent, nano-USD
-    gw:{rl}:k:<key id>:conc                                zset: request id -> lease expiry (ms)
-    gw:{rl}:d:<provider>/<model>:<rpm|tpm|rpd>:<bucket>    a deployment's quota, all keys together
+    gw:{k:<key id>}:m:<alias>:<rpm|tpm|rpd>:<bucket>       the key's limits on one model
+    gw:{k:<key id>}:usd:<day or month number>              budget spent, nano-USD
+    gw:{k:<key id>}:conc                                   zset: request id -> lease expiry (ms)
+    gw:{d:<provider>/<model>}:<rpm|tpm|rpd>:<bucket>       a deployment's quota, all keys together
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ import orjson
 from gateway.config import Limits
 from gateway.store import LocalOps, Script, lua_source
 
-PREFIX = "gw:{rl}"
 MINUTE_MS, DAY_MS = 60_000, 86_400_000
 MINUTE_BUCKET_MS, DAY_BUCKET_MS = 3_000, 3_600_000
 MONTH = 0  # a calendar window's length when it is the UTC month
@@ -76,7 +77,7 @@ class Spec(NamedTuple):
     """One limit as the script sees it."""
 
     kind: bytes
-    name: str  # the counter's name under PREFIX
+    name: str  # the counter's name, starting with its hash tag (key_base, deployment_base)
     limit: int
     window_ms: int  # sliding/calendar: the window (MONTH: the calendar month); lease: its expiry
     bucket_ms: int  # sliding: the counting step (divides the window); else 0
@@ -84,9 +85,27 @@ class Spec(NamedTuple):
     label: str  # for the 429 message: "rpm", "tpm", "rpd", "usd" or "conc"
     scope: str  # "this key", "this key on model `x`", or a deployment id
 
-    def args(self, group: int, amount: int) -> list[str | int | bytes]:
+    @property
+    def tag(self) -> str:
+        """The hash-tagged prefix its script call is routed by: every counter of the scope shares it."""
+        return tag_of(self.name)
+
+    def args(self, amount: int) -> list[str | int | bytes]:
         """This limit's ADMIT arguments: what never changes goes packed in one (fewer to encode)."""
-        return [group, pack(self), amount]
+        return [pack(self), amount]
+
+
+def key_base(key_id: str) -> str:
+    return f"gw:{{k:{key_id}}}"
+
+
+def deployment_base(deployment: str) -> str:
+    return f"gw:{{d:{deployment}}}"
+
+
+def tag_of(name: str) -> str:
+    """`name` up to its hash tag's end: the KEYS[1] that routes a script call on its counters."""
+    return name[: name.index("}") + 1]
 
 
 @functools.lru_cache(maxsize=8192)
@@ -138,12 +157,23 @@ class _State:
     """One limit's reading in ADMIT (the Lua's table `s`)."""
 
     __slots__ = (
-        "cost", "counts", "first", "fits", "group", "key", "kind", "limit", "names", "reset", "ttl", "used",
-        "wait", "window",
+        "cost",
+        "counts",
+        "first",
+        "fits",
+        "key",
+        "kind",
+        "limit",
+        "names",
+        "reset",
+        "ttl",
+        "used",
+        "wait",
+        "window",
     )
 
-    def __init__(self, group: int, kind: bytes, limit: int, cost: int) -> None:
-        self.group, self.kind, self.limit, self.cost = group, kind, limit, cost
+    def __init__(self, kind: bytes, limit: int, cost: int) -> None:
+        self.kind, self.limit, self.cost = kind, limit, cost
         self.first: int | None = None
         self.wait: int | None = None
         self.reset = self.window = 0
@@ -157,11 +187,11 @@ def _leaves(ops: LocalOps, s: _State, j: int) -> int:
     return ops.pexpiretime(s.names[j]) - s.ttl + s.window
 
 
-def _read(ops: LocalOps, keys: list[str], args: list[bytes], i: int, now: int) -> _State:
-    kind, *numbers, packed_name = args[i + 1].split(b"|", 4)
+def _read(ops: LocalOps, args: list[bytes], i: int, now: int, report: bool) -> _State:
+    kind, *numbers, packed_name = args[i].split(b"|", 4)
     limit, window, bucket = map(int, numbers)
-    s = _State(int(args[i]), kind, limit, int(args[i + 2]))
-    base = f"{keys[0]}:{packed_name.decode()}"
+    s = _State(kind, limit, int(args[i + 1]))
+    base = packed_name.decode()
     if kind == LEASE:
         leases = {m: e for m, e in orjson.loads(ops.get(base) or b"{}").items() if e > now}
         ops.set(base, orjson.dumps(leases), window / 1000) if leases else ops.delete(base)
@@ -174,8 +204,8 @@ def _read(ops: LocalOps, keys: list[str], args: list[bytes], i: int, now: int) -
         s.used = sum(counts)
         s.key, s.ttl, s.window = f"{base}:{number}", window + 2 * bucket, window
         # The oldest bucket straddles the window's start: whether its usage has left is read only
-        # where it matters (the remaining a key is told; a deployment that is otherwise full).
-        if counts[0] > 0 and (s.group == 0 or s.used + s.cost > s.limit):
+        # where it matters (the remaining a key is told; a limit that is otherwise full).
+        if counts[0] > 0 and (report or s.used + s.cost > s.limit):
             s.first = _leaves(ops, s, 0)
             if s.first <= now:
                 s.used, counts[0] = s.used - counts[0], 0
@@ -204,48 +234,27 @@ def _reset(ops: LocalOps, s: _State, now: int, charged: bool) -> int:
     raise AssertionError("need is at most the usage counted")
 
 
-def _later(a: _State, b: _State) -> bool:
-    """Whether `a` holds the request back longer than `b`: a limit it can never fit, else the later wait."""
-    never_a, never_b = a.cost > a.limit, b.cost > b.limit
+def later(never_a: bool, wait_a: int, never_b: bool, wait_b: int) -> bool:
+    """Whether a limit holds a request back longer than another: one it can never fit, else the
+    later wait (the Lua's `later`; limiter.py compares the refusals of two calls with it)."""
     if never_a != never_b:
         return never_a
-    return a.wait > b.wait  # type: ignore[operator]
+    return wait_a > wait_b
 
 
 def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]:
     now = int(ops.time() * 1000)
-    member, alternatives, free = args[0].decode(), int(args[1]), int(args[2])
-    states = [_read(ops, keys, args, i, now) for i in range(3, len(args), 3)]
+    member, report = args[0].decode(), args[1] == b"1"
+    states = [_read(ops, args, i, now, report) for i in range(2, len(args), 2)]
     # A refusal reports the limit that frees last: a retry at its reset is let in by every one.
-    refused = chosen = 0
+    refused = 0
     for i, s in enumerate(states, 1):
-        if s.group == 0 and not s.fits:
+        if not s.fits:
             s.wait = _reset(ops, s, now, False)
-            if refused == 0 or _later(s, states[refused - 1]):
+            if refused == 0 or later(s.cost > s.limit, s.wait, *_never_wait(states[refused - 1])):
                 refused = i
-    if alternatives:
-        full = {s.group for s in states if s.group and not s.fits}
-        chosen = next((g for g in range(1, alternatives + 1) if g not in full), 0)
-        if not chosen and not free:
-            # Every deployment is over its quota: the one that frees soonest (when its last limit does).
-            worst: dict[int, int] = {}
-            for i, s in enumerate(states, 1):
-                if s.group and not s.fits:
-                    s.wait = _reset(ops, s, now, False)
-                    if s.group not in worst or _later(s, states[worst[s.group] - 1]):
-                        worst[s.group] = i
-            soonest = worst[1]
-            for g in range(2, alternatives + 1):
-                if _later(states[soonest - 1], states[worst[g] - 1]):
-                    soonest = worst[g]
-            if refused == 0 or _later(states[soonest - 1], states[refused - 1]):
-                refused = soonest
-        if refused:
-            chosen = 0
     if not refused:
         for s in states:
-            if s.group not in (0, chosen):
-                continue
             if s.kind == LEASE:
                 leases = orjson.loads(ops.get(s.key) or b"{}")
                 leases[member] = now + s.ttl
@@ -253,19 +262,24 @@ def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]
             elif s.cost:
                 ops.incr(s.key, s.cost)
                 ops.pexpireat(s.key, now + s.ttl)
-    out = [0 if refused else 1, refused, states[refused - 1].wait if refused else 0, chosen, now]
-    for s in states:
-        if s.group == 0:
+    out = [0 if refused else 1, refused, states[refused - 1].wait if refused else 0, now]
+    if report:
+        for s in states:
             out.append(max(0, s.limit - s.used - (0 if refused else s.cost)))
             out.append(s.wait if s.wait is not None else _reset(ops, s, now, not refused))
     return out
 
 
-# KEYS[1]: PREFIX. ARGV: lease member, number of alternatives (deployments with quotas, in
-# the router's order), 1 if a deployment without quota follows them, then per limit:
-# group (0: always; n: alternative n), "kind|limit|window ms|bucket ms|name", cost.
-# Reply: [admitted, 1-based index of the refusing limit or 0, its ms to reset, chosen
-#         alternative (0: none needed), now ms, then per group-0 limit: remaining, ms to reset]
+def _never_wait(s: _State) -> tuple[bool, int]:
+    assert s.wait is not None
+    return s.cost > s.limit, s.wait
+
+
+# KEYS[1]: the tag of the limits' scope (a key's or a deployment's; it only routes the call).
+# ARGV: lease member, 1 to report every limit's state (a key's: its x-ratelimit-* headers) else
+# 0, then per limit: "kind|limit|window ms|bucket ms|name", cost. All are charged, or none.
+# Reply: [admitted, 1-based index of the refusing limit or 0, its ms to reset, now ms,
+#         then when reported, per limit: remaining, ms to reset]
 ADMIT = Script("gateway.rate_admit", lua_source("gateway.limits", "admit.lua"), _admit_local)
 
 
@@ -274,7 +288,7 @@ RELEASE, CORRECT = b"r", b"c"
 
 def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
     for i in range(0, len(args), 3):
-        key = f"{keys[0]}:{args[i + 1].decode()}"
+        key = args[i + 1].decode()
         if args[i] == RELEASE:
             leases = orjson.loads(ops.get(key) or b"{}")
             if leases.pop(args[i + 2].decode(), None) is not None:
@@ -285,15 +299,16 @@ def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
     return 1
 
 
-# KEYS[1]: PREFIX. ARGV: triples, of one or many requests: ("r", lease name, request id) releases
-# a lease; ("c", counter name with its bucket or window number, delta) corrects what admission
-# charged. A counter whose window has expired is left alone; none goes below zero.
+# KEYS[1]: the tag of the counters (one scope's). ARGV: triples, of one or many requests: ("r",
+# lease name, request id) releases a lease; ("c", counter name with its bucket or window number,
+# delta) corrects what admission charged. A counter whose window has expired is left alone; none
+# goes below zero.
 SETTLE = Script("gateway.rate_settle", lua_source("gateway.limits", "settle.lua"), _settle_local)
 
 
 def _reconcile_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
     for i in range(0, len(args), 3):
-        key = f"{keys[0]}:{args[i].decode()}"
+        key = args[i].decode()
         value = ops.incr(key, int(args[i + 1]))
         if ops.ttl(key) is None:
             ops.expire(key, int(args[i + 2]) / 1000)
@@ -302,8 +317,8 @@ def _reconcile_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
     return 1
 
 
-# KEYS[1]: PREFIX. ARGV: triples (budget counter name with its window number, nano-USD, ms the
-# counter lives should this create it): spend admitted while the store was unreachable.
+# KEYS[1]: the tag of the counters. ARGV: triples (budget counter name with its window number,
+# nano-USD, ms the counter lives should this create it): spend admitted while the store was unreachable.
 RECONCILE = Script("gateway.rate_reconcile", lua_source("gateway.limits", "reconcile.lua"), _reconcile_local)
 
 

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 
 from gateway.config import Limits
-from gateway.limits.specs import specs_of
+from gateway.limits.specs import deployment_base, specs_of
 from gateway.providers import Adapter, Capability, Target
 from gateway.store import LocalOps, Script, Store, StoreError
 from gateway.upstream import UpstreamPool
@@ -46,7 +46,8 @@ class Route:
         self.target = target
         self.weight = weight
         self.id = f"{adapter.name}/{target.model}"
-        self.quota = specs_of(limits, f"d:{self.id}", f"deployment {self.id}", 0)  # rpm/tpm/rpd/budget
+        # rpm/tpm/rpd/budget, under the deployment's own hash tag
+        self.quota = specs_of(limits, deployment_base(self.id), f"deployment {self.id}", 0)
         self.ewma_s: float | None = None
 
     def supports(self, needed: Iterable[Capability]) -> bool:

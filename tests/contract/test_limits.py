@@ -14,7 +14,6 @@ from gateway.limits.specs import (
     LEASE,
     MINUTE_MS,
     MONTH,
-    PREFIX,
     RECONCILE,
     SETTLE,
     SLIDING,
@@ -27,28 +26,30 @@ from . import all_stores, bounded_tests
 pytestmark = pytest.mark.anyio
 
 
+KEY, EAST = "gw:{k:a}", "gw:{d:east}"  # a key's tag and a deployment's
+
+
 def limit(
     name: str,
     cap: int,
     cost: int = 1,
     *,
-    group: int = 0,
     kind: bytes = SLIDING,
     window: int = MINUTE_MS,
     bucket: int | None = None,
 ) -> list[Any]:
     if bucket is None:
         bucket = window // 20 if kind == SLIDING else 0
-    return [group, b"%s|%d|%d|%d|%s" % (kind, cap, window, bucket, name.encode()), cost]
+    return [b"%s|%d|%d|%d|%s" % (kind, cap, window, bucket, name.encode()), cost]
 
 
-async def admit(
-    store: Store, *limits: list[Any], alternatives: int = 0, free: int = 0, member: str = ""
-) -> list[int]:
-    args: list[Any] = [member, alternatives, free]  # then 3 fields per limit
+async def admit(store: Store, *limits: list[Any], report: bool = True, member: str = "") -> list[int]:
+    """ADMIT on `limits`, which share the tag of the first's name."""
+    args: list[Any] = [member, int(report)]  # then 2 fields per limit
     for spec in limits:
         args += spec
-    return [int(x) for x in await store.run(ADMIT, [PREFIX], args)]
+    tag = limits[0][0].split(b"|")[4].decode()
+    return [int(x) for x in await store.run(ADMIT, [tag[: tag.index("}") + 1]], args)]
 
 
 @all_stores
@@ -58,7 +59,7 @@ class TestAdmission:
         results: list[int] = []
 
         async def one() -> None:
-            results.append((await admit(store, limit("k:a:rpm", 50)))[0])
+            results.append((await admit(store, limit(f"{KEY}:rpm", 50)))[0])
 
         async with anyio.create_task_group() as tg:
             for _ in range(200):
@@ -66,20 +67,20 @@ class TestAdmission:
         assert results.count(1) == 50 and results.count(0) == 150
 
     async def test_all_or_none_and_the_refusing_limit(self, store: Store) -> None:
-        both = (limit("k:a:rpm", 10), limit("k:a:tpm", 100, 80))
+        both = (limit(f"{KEY}:rpm", 10), limit(f"{KEY}:tpm", 100, 80))
         first = await admit(store, *both)
-        assert first[:4] == [1, 0, 0, 0] and first[4] > 1_700_000_000_000  # the store's clock, ms
-        assert [first[5], first[7]] == [9, 20]  # remaining requests, tokens
+        assert first[:3] == [1, 0, 0] and first[3] > 1_700_000_000_000  # the store's clock, ms
+        assert [first[4], first[6]] == [9, 20]  # remaining requests, tokens
         second = await admit(store, *both)
-        assert second[0] == 0 and second[1] == 2 and second[2] == second[8]  # tpm's reset, in its header too
+        assert second[0] == 0 and second[1] == 2 and second[2] == second[7]  # tpm's reset, in its header too
         assert MINUTE_MS - 1000 < second[2] <= MINUTE_MS  # when the first request's 80 tokens leave
-        third = await admit(store, limit("k:a:rpm", 10))
-        assert third[5] == 8  # the refused request charged nothing
+        third = await admit(store, limit(f"{KEY}:rpm", 10))
+        assert third[4] == 8  # the refused request charged nothing
 
     async def test_window_slides_and_never_admits_more_than_the_limit_in_any_window(
         self, store: Store
     ) -> None:
-        spec = limit("k:a:rps", 2, window=400)
+        spec = limit(f"{KEY}:rps", 2, window=400)
         assert [(await admit(store, spec))[0] for _ in range(3)] == [1, 1, 0]
         await anyio.sleep(0.25)  # half a window on: still counted (a two-window estimate would free one)
         refused = await admit(store, spec)
@@ -88,67 +89,59 @@ class TestAdmission:
         assert (await admit(store, spec))[0] == 1
 
     async def test_settle_corrects_never_below_zero_and_skips_gone_windows(self, store: Store) -> None:
-        reply = await admit(store, limit("k:a:tpm", 100, 90))
-        bucket = reply[4] // (MINUTE_MS // 20)
-        await store.run(SETTLE, [PREFIX], ["c", f"k:a:tpm:{bucket}", -60])
-        assert (await admit(store, limit("k:a:tpm", 100, 0)))[5] == 70
-        await store.run(SETTLE, [PREFIX], ["c", f"k:a:tpm:{bucket}", -500, "c", f"k:a:tpm:{bucket - 5}", 7])
-        assert (await admit(store, limit("k:a:tpm", 100, 100)))[0] == 1
-        assert await store.get(f"{PREFIX}:k:a:tpm:{bucket - 5}") is None  # not created by a correction
+        reply = await admit(store, limit(f"{KEY}:tpm", 100, 90))
+        bucket = reply[3] // (MINUTE_MS // 20)
+        await store.run(SETTLE, [KEY], ["c", f"{KEY}:tpm:{bucket}", -60])
+        assert (await admit(store, limit(f"{KEY}:tpm", 100, 0)))[4] == 70
+        await store.run(SETTLE, [KEY], ["c", f"{KEY}:tpm:{bucket}", -500, "c", f"{KEY}:tpm:{bucket - 5}", 7])
+        assert (await admit(store, limit(f"{KEY}:tpm", 100, 100)))[0] == 1
+        assert await store.get(f"{KEY}:tpm:{bucket - 5}") is None  # not created by a correction
 
 
 @all_stores
 @bounded_tests
 class TestDeploymentsAndLeases:
-    async def test_first_deployment_with_room_is_chosen_and_charged(self, store: Store) -> None:
-        key = limit("k:a:rpm", 100)
-        east, west = limit("d:east:rpm", 1, group=1), limit("d:west:rpm", 5, group=2)
-        replies = [await admit(store, key, east, west, alternatives=2) for _ in range(3)]
-        assert [r[3] for r in replies] == [1, 2, 2]
-        assert [r[5] for r in replies] == [99, 98, 97]  # the key is charged whichever deployment
-
-    async def test_every_deployment_full_refuses_unless_one_without_quota_follows(self, store: Store) -> None:
-        east = limit("d:east:rpm", 1, group=1)
-        assert (await admit(store, east, alternatives=1))[:4] == [1, 0, 0, 1]
-        refused = await admit(store, limit("k:a:rpm", 10), east, alternatives=1)
-        assert refused[:2] == [0, 2] and MINUTE_MS - 1000 < refused[2] <= MINUTE_MS  # the deployment's limit
-        assert refused[5] == 10  # the key was not charged
-        spill = await admit(store, limit("k:a:rpm", 10), east, alternatives=1, free=1)
-        assert spill[:4] == [1, 0, 0, 0]  # admitted, to the deployment without a quota
+    async def test_a_deployments_call_reports_only_the_decision(self, store: Store) -> None:
+        east = limit(f"{EAST}:rpm", 1)
+        first = await admit(store, east, report=False)
+        assert first[:3] == [1, 0, 0] and len(first) == 4
+        refused = await admit(store, east, limit(f"{EAST}:tpm", 100, 5), report=False)
+        assert refused[:2] == [0, 1] and MINUTE_MS - 1000 < refused[2] <= MINUTE_MS and len(refused) == 4
+        assert (await admit(store, limit(f"{EAST}:tpm", 100, 100), report=False))[0] == 1  # tpm: nothing charged
 
     async def test_concurrency_lease_caps_releases_and_expires(self, store: Store) -> None:
-        cap = limit("k:a:conc", 2, kind=LEASE, window=400)
+        cap = limit(f"{KEY}:conc", 2, kind=LEASE, window=400)
         assert [(await admit(store, cap, member=m))[0] for m in ("r1", "r2", "r3")] == [1, 1, 0]
-        await store.run(SETTLE, [PREFIX], ["r", "k:a:conc", "r1", "r", "k:a:conc", "unknown"])
+        await store.run(SETTLE, [KEY], ["r", f"{KEY}:conc", "r1", "r", f"{KEY}:conc", "unknown"])
         assert (await admit(store, cap, member="r4"))[0] == 1
         await anyio.sleep(0.5)  # r2 and r4 die with their replica: their leases expire
         assert [(await admit(store, cap, member=m))[0] for m in ("r5", "r6", "r7")] == [1, 1, 0]
 
     async def test_budget_is_a_calendar_month_on_the_store_clock(self, store: Store) -> None:
-        budget = limit("k:a:usd", 1_000_000, 600_000, kind=CALENDAR, window=MONTH)
+        budget = limit(f"{KEY}:usd", 1_000_000, 600_000, kind=CALENDAR, window=MONTH)
         first = await admit(store, budget)
-        number, reset = month_number(first[4])
-        assert first[0] == 1 and first[5:] == [400_000, reset]
+        number, reset = month_number(first[3])
+        assert first[0] == 1 and first[4:] == [400_000, reset]
         assert (await admit(store, budget))[0] == 0
-        await store.run(SETTLE, [PREFIX], ["c", f"k:a:usd:{number}", -500_000])  # it cost less
+        await store.run(SETTLE, [KEY], ["c", f"{KEY}:usd:{number}", -500_000])  # it cost less
         assert (await admit(store, budget))[0] == 1
 
     async def test_reconcile_adds_outage_spend_remaking_a_lost_counter(self, store: Store) -> None:
-        budget = limit("k:a:usd", 1_000_000, 100_000, kind=CALENDAR, window=MONTH)
-        number, reset = month_number((await admit(store, budget))[4])
-        kept, lost = f"k:a:usd:{number}", f"k:b:usd:{number}"
-        await store.run(RECONCILE, [PREFIX], [kept, 250_000, 300, lost, 70_000, 300, "k:c:usd:1", -9, 300])
-        assert await store.get(f"{PREFIX}:{kept}") == b"350000"
-        assert await store.get(f"{PREFIX}:{lost}") == b"70000"  # made again, expiring with the ttl given
-        assert await store.get(f"{PREFIX}:k:c:usd:1") == b"0"  # never below zero
+        budget = limit(f"{KEY}:usd", 1_000_000, 100_000, kind=CALENDAR, window=MONTH)
+        number, reset = month_number((await admit(store, budget))[3])
+        kept, lost, low = f"{KEY}:usd:{number}", f"{KEY}:m:x:usd:{number}", f"{KEY}:usd:1"
+        await store.run(RECONCILE, [KEY], [kept, 250_000, 300, lost, 70_000, 300, low, -9, 300])
+        assert await store.get(kept) == b"350000"
+        assert await store.get(lost) == b"70000"  # made again, expiring with the ttl given
+        assert await store.get(low) == b"0"  # never below zero
         reply = await admit(store, budget)
-        assert reply[5] == 1_000_000 - 350_000 - 100_000 and reply[6] == pytest.approx(reset, abs=5_000)
+        assert reply[4] == 1_000_000 - 350_000 - 100_000 and reply[5] == pytest.approx(reset, abs=5_000)
         await anyio.sleep(0.4)
-        assert await store.get(f"{PREFIX}:{lost}") is None and await store.get(f"{PREFIX}:{kept}") is not None
+        assert await store.get(lost) is None and await store.get(kept) is not None
 
     async def test_calendar_day(self, store: Store) -> None:
-        reply = await admit(store, limit("k:a:usd", 10, 3, kind=CALENDAR, window=DAY_MS))
-        assert reply[5] == 7 and reply[6] == DAY_MS - reply[4] % DAY_MS
+        reply = await admit(store, limit(f"{KEY}:usd", 10, 3, kind=CALENDAR, window=DAY_MS))
+        assert reply[4] == 7 and reply[5] == DAY_MS - reply[3] % DAY_MS
 
 
 def _put_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> None:
@@ -174,7 +167,7 @@ TTL = MINUTE_MS + 2 * BUCKET  # a minute limit's counter lives this long after i
 
 async def usage(store: Store, name: str, charges: list[tuple[int, int]]) -> None:
     """Bucket counters of limit `name` holding `charges` (last charge ms, amount): one per bucket."""
-    keys = [f"{PREFIX}:{name}:{last // BUCKET}" for last, _ in charges]
+    keys = [f"{name}:{last // BUCKET}" for last, _ in charges]
     await store.run(PUT, keys, [x for last, amount in charges for x in (amount, last + TTL)])
 
 
@@ -211,7 +204,7 @@ class TestRetryAfter:
     """A refusal's reset is when the retry is let in: no later than the window, never bucket-rounded."""
 
     async def now(self, store: Store) -> int:
-        return (await admit(store, limit("k:clock:rpm", 1, 0)))[4]  # charges nothing
+        return (await admit(store, limit("gw:{k:clock}:rpm", 1, 0)))[3]  # charges nothing
 
     @pytest.mark.parametrize(
         ("cost", "admitted"),
@@ -222,61 +215,29 @@ class TestRetryAfter:
         self, store: Store, cost: int, admitted: int
     ) -> None:
         charges = charges_at(await self.now(store))
-        await usage(store, "k:a:tpm", charges)
-        reply = await admit(store, limit("k:a:tpm", 100, cost))
-        remaining, reset = expected(charges, 100, cost, reply[4])
-        assert reply == [admitted, 1 - admitted, 0 if admitted else reset, 0, reply[4], remaining, reset]
+        await usage(store, f"{KEY}:tpm", charges)
+        reply = await admit(store, limit(f"{KEY}:tpm", 100, cost))
+        remaining, reset = expected(charges, 100, cost, reply[3])
+        assert reply == [admitted, 1 - admitted, 0 if admitted else reset, reply[3], remaining, reset]
         assert 0 < reset <= MINUTE_MS
 
     async def test_the_oldest_bucket_leaves_a_window_after_its_last_charge(self, store: Store) -> None:
         now = await self.now(store)
         number = now // BUCKET
         # Its last charge a window and a bit ago: gone, though its bucket is still in the span.
-        await usage(store, "k:a:rpm", [((number - 20) * BUCKET + 1, 3), (number * BUCKET, 1)])
-        reply = await admit(store, limit("k:a:rpm", 2))
-        assert reply[:2] == [1, 0] and reply[5] == 0
+        await usage(store, f"{KEY}:rpm", [((number - 20) * BUCKET + 1, 3), (number * BUCKET, 1)])
+        reply = await admit(store, limit(f"{KEY}:rpm", 2))
+        assert reply[:2] == [1, 0] and reply[4] == 0
 
     async def test_the_limit_that_frees_last_is_reported(self, store: Store) -> None:
         now = await self.now(store)
         number = now // BUCKET
-        await usage(store, "k:a:rpm", [((number - 15) * BUCKET, 2)])
-        await usage(store, "k:a:tpm", [((number - 10) * BUCKET, 60), (number * BUCKET, 40)])
-        reply = await admit(store, limit("k:a:rpm", 2), limit("k:a:tpm", 100, 50))
+        await usage(store, f"{KEY}:rpm", [((number - 15) * BUCKET, 2)])
+        await usage(store, f"{KEY}:tpm", [((number - 10) * BUCKET, 60), (number * BUCKET, 40)])
+        reply = await admit(store, limit(f"{KEY}:rpm", 2), limit(f"{KEY}:tpm", 100, 50))
         assert reply[:2] == [0, 2]  # both refuse; tpm frees later
-        assert reply[2] == (number - 10) * BUCKET + MINUTE_MS - reply[4] == reply[8]
-        assert reply[6] == (number - 15) * BUCKET + MINUTE_MS - reply[4]  # rpm's own, in its header
-
-    async def test_every_deployment_full_reports_the_one_free_soonest_when_its_last_limit_frees(
-        self, store: Store
-    ) -> None:
-        now = await self.now(store)
-        number = now // BUCKET
-        await usage(store, "d:east:rpm", [((number - 18) * BUCKET, 1)])  # frees first, but
-        await usage(store, "d:east:tpm", [((number - 2) * BUCKET, 90)])  # east's tpm frees last
-        await usage(store, "d:west:rpm", [((number - 8) * BUCKET, 1)])
-        east = (limit("d:east:rpm", 1, group=1), limit("d:east:tpm", 100, 20, group=1))
-        reply = await admit(store, limit("k:a:rpm", 10), *east, limit("d:west:rpm", 1, group=2), alternatives=2)
-        assert reply[:2] == [0, 4] and reply[3] == 0  # west's rpm (the 4th limit)
-        assert reply[2] == (number - 8) * BUCKET + MINUTE_MS - reply[4]
-        assert reply[5:] == [10, 0]  # the key: nothing charged, nothing counted
-
-    async def test_a_later_deployment_wait_outranks_the_keys(self, store: Store) -> None:
-        now = await self.now(store)
-        number = now // BUCKET
-        await usage(store, "k:a:rpm", [((number - 18) * BUCKET, 1)])
-        await usage(store, "d:east:rpm", [((number - 3) * BUCKET, 1)])
-        reply = await admit(store, limit("k:a:rpm", 1), limit("d:east:rpm", 1, group=1), alternatives=1)
-        assert reply[:2] == [0, 2] and reply[2] == (number - 3) * BUCKET + MINUTE_MS - reply[4]
-        spill = await admit(store, limit("k:a:rpm", 1), limit("d:east:rpm", 1, group=1), alternatives=1, free=1)
-        assert spill[:2] == [0, 1]  # a deployment without quota follows: only the key holds it back
-
-    async def test_a_request_over_a_deployments_quota_waits_for_another(self, store: Store) -> None:
-        now = await self.now(store)
-        number = now // BUCKET
-        await usage(store, "d:west:tpm", [((number - 12) * BUCKET, 900)])
-        small = limit("d:east:tpm", 100, 500, group=1)  # 500 tokens never fit east
-        reply = await admit(store, small, limit("d:west:tpm", 1000, 500, group=2), alternatives=2)
-        assert reply[:2] == [0, 2] and reply[2] == (number - 12) * BUCKET + MINUTE_MS - reply[4]
+        assert reply[2] == (number - 10) * BUCKET + MINUTE_MS - reply[3] == reply[7]
+        assert reply[5] == (number - 15) * BUCKET + MINUTE_MS - reply[3]  # rpm's own, in its header
 
 
 # The Lua's calendar, cut out of ADMIT, run on any instant (ADMIT itself only sees the store's now).

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from gateway.store import RedisStore, StoreError, store_from_url
+from gateway.config import Limits
+from gateway.limits.specs import ADMIT, deployment_base, key_base, specs_of
+from gateway.store import Call, RedisStore, ScriptArg, StoreError, store_from_url
 from gateway.store.cluster import ClusterClient
 from gateway.store.slots import key_slot
 
@@ -28,7 +30,7 @@ KEYS = [
     "foo{}{bar}",
     "foo{{bar}}zap",
     "foo{bar}{zap}",
-    "gw:{rl}:k:1:rpm:7",
+    "gw:{k:1}:rpm:7",
 ]
 
 
@@ -57,6 +59,30 @@ async def test_run_many_spreads_over_the_primaries_in_one_parallel_round_trip(
         assert len(set(owners.values())) == 3 and set(lean._nodes) >= set(owners.values())
     for key, (_, port) in owners.items():  # each counter lives on its slot's primary
         assert _holder(cluster_setup, key) == port
+
+
+@bounded
+async def test_limit_counters_spread_over_the_primaries(cluster_setup: ClusterSetup) -> None:
+    # The limits of 150 keys and 20 deployments, as the limiter charges them: one ADMIT per tag.
+    cluster_setup.flush()
+    limits = Limits(rpm=100, tpm=10_000, budget_usd=5.0, concurrency=4)
+    scopes = [specs_of(limits, key_base(f"team-{i}"), "this key", 60_000) for i in range(150)]
+    scopes += [specs_of(limits, deployment_base(f"openai/model-{i}"), "d", 0) for i in range(20)]
+    calls: list[Call] = []
+    for specs in scopes:
+        args: list[ScriptArg] = ["member", 1]
+        for spec in specs:
+            args += spec.args(1)
+        calls.append((ADMIT, [specs[0].tag], args))
+    async with store_from_url(cluster_setup.url) as store:
+        replies = await store.run_many(calls)
+    assert [int(reply[0]) for reply in replies] == [1] * len(calls)
+    held = []
+    for node in cluster_setup.primaries():
+        with node.client() as client:
+            held.append(client.dbsize())
+    assert sum(held) >= 3 * len(scopes)  # a counter per limit (a budget charged 1 nano-USD too)
+    assert max(held) < 0.5 * sum(held), held  # no primary holds most of the state
 
 
 def _holder(cluster_setup: ClusterSetup, key: str) -> int:

@@ -11,7 +11,7 @@ import openai
 import pytest
 import redis
 
-from gateway.limits.specs import PREFIX, month_number
+from gateway.limits.specs import key_base, month_number
 from tests.e2e.conftest import TEAM_A_KEY, TEAM_B_KEY, default_config
 from tests.mock_openai import MockOpenAI
 
@@ -241,7 +241,7 @@ def test_budgets_while_redis_is_down_then_restarted(
     second = chat(b)  # writes b's: together they are over the budget
     assert second.status_code == 429 and second.json()["error"]["type"] == "insufficient_quota"
     expected = sum(owed.values()) + (cost(first) if first.status_code == 200 else 0)
-    key = f"{PREFIX}:k:cfg-team-a:usd:{month_number(int(time.time() * 1000))[0]}"
+    key = f"{key_base('cfg-team-a')}:usd:{month_number(int(time.time() * 1000))[0]}"
     with redis.Redis.from_url(server.url) as client:
         deadline = time.monotonic() + 5
         while int(client.get(key) or 0) != expected and time.monotonic() < deadline:

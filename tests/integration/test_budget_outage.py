@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway import build_app, parse
-from gateway.limits.specs import PREFIX, month_number
+from gateway.limits.specs import key_base, month_number
 from gateway.store import StoreError
 from tests.integration.conftest import KEY_A, KEY_B, Client
 from tests.mock_openai import MockOpenAI
@@ -59,7 +59,7 @@ def cost(response: Any) -> int:
 
 
 async def spent(app: Any) -> int:
-    return int(await app.store.get(f"{PREFIX}:k:cfg-team-a:usd:{month_number(int(time.time() * 1000))[0]}"))
+    return int(await app.store.get(f"{key_base('cfg-team-a')}:usd:{month_number(int(time.time() * 1000))[0]}"))
 
 
 async def test_closed_refuses_keys_with_a_budget_and_serves_the_others(

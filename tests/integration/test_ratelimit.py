@@ -118,6 +118,29 @@ async def test_a_deployment_over_its_quota_is_skipped_then_every_one_full_is_429
     assert [r.json()["model"] for r in mock.requests] == ["mock-east", "mock-east", "mock-west"]
 
 
+async def test_a_key_refusal_gives_back_what_the_deployment_reserved(config_text: str, mock: MockOpenAI) -> None:
+    # The key's limits and the deployment's quota are two scripts (two tags, maybe two cluster
+    # nodes): the deployment's charge for a request the key refused must not stay counted.
+    app = limited(config_text, QUOTA_MODEL, key_a="limits: {rpm: 1},")
+    async with app.lifespan(None), Client(app) as a:  # type: ignore[arg-type]
+        assert (await a.chat(model="quota")).headers["x-gateway-deployment"] == "mock/mock-east"
+        refused = await a.chat(model="quota")
+        limiter, east = app.snapshot.limiter, app.snapshot.routes["quota"].routes[0]  # rpm 2
+        ctx = RequestContext(b"req_after", 0.0)
+        ctx.model, ctx.body = "quota", {"model": "quota", "messages": [{"role": "user", "content": "hi"}]}
+        assert await limiter.charge(ctx, east) is None  # east's second request: still free
+        assert await limiter.charge(ctx, east) is not None
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_every_deployment_full_gives_back_the_keys_charges(config_text: str, mock: MockOpenAI) -> None:
+    app = limited(config_text, QUOTA_MODEL, key_a="limits: {rpm: 10, concurrency: 5},")
+    async with app.lifespan(None), Client(app) as a:  # type: ignore[arg-type]
+        assert [(await a.chat(model="quota")).status_code for _ in range(4)] == [200, 200, 200, 429]
+        after = await a.chat()  # gpt-mini: no quota
+    assert after.headers["x-ratelimit-remaining-requests"] == "6"  # 3 served and this one, not the refused
+
+
 async def test_failover_pays_the_next_deployments_quota(config_text: str, mock: MockOpenAI) -> None:
     mock.behave(model="mock-east", status=500)
     app = limited(config_text.replace("router: {", "router: {retries: 0, "), QUOTA_MODEL)  # failover only

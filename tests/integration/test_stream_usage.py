@@ -88,9 +88,9 @@ def reconciled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
         corrections: list[Any] = []
         add = self._settling.add
 
-        async def capture(args: list[Any]) -> None:
-            corrections.extend(args)
-            await add(args)
+        async def capture(groups: dict[str, list[Any]]) -> None:
+            corrections.extend(a for args in groups.values() for a in args)
+            await add(groups)
 
         self._settling.add = capture  # type: ignore[method-assign]
         try:

@@ -19,36 +19,35 @@ local function month(ms)
   return y * 12 + m - 1, (length - d + 1) * DAY - ms % DAY
 end
 
-local member, alternatives, free = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local member, report = ARGV[1], ARGV[2] == '1'
 -- When the usage in bucket j of sliding limit s leaves the window: a window after the bucket's
 -- last charge, which the counter's expiry records (every charge sets it to that instant + ttl).
 local function leaves(s, j)
   return redis.call('PEXPIRETIME', s.names[j]) - s.ttl + s.window
 end
 local states = {}
-for i = 4, #ARGV, 3 do
-  local kind, limit, window, bucket, name = string.match(ARGV[i + 1], '^(%a)|(%d+)|(%d+)|(%d+)|(.*)$')
-  local s = {group = tonumber(ARGV[i]), kind = kind, limit = tonumber(limit), cost = tonumber(ARGV[i + 2])}
+for i = 3, #ARGV, 2 do
+  local kind, limit, window, bucket, name = string.match(ARGV[i], '^(%a)|(%d+)|(%d+)|(%d+)|(.*)$')
+  local s = {kind = kind, limit = tonumber(limit), cost = tonumber(ARGV[i + 1])}
   window, bucket = tonumber(window), tonumber(bucket)
-  local base = KEYS[1] .. ':' .. name
   if s.kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', base, '-inf', now)
-    s.key, s.used, s.reset, s.ttl = base, redis.call('ZCARD', base), 1000, window
+    redis.call('ZREMRANGEBYSCORE', name, '-inf', now)
+    s.key, s.used, s.reset, s.ttl = name, redis.call('ZCARD', name), 1000, window
   elseif s.kind == 's' then
     -- The current bucket and a window's worth before it: a span that covers the last window.
     local number, span = math.floor(now / bucket), window / bucket
     local names = {}
-    for b = number - span, number do names[#names + 1] = base .. ':' .. b end
+    for b = number - span, number do names[#names + 1] = name .. ':' .. b end
     local counts = redis.call('MGET', unpack(names))
     s.used = 0
     for j = 1, #counts do
       counts[j] = tonumber(counts[j]) or 0
       s.used = s.used + counts[j]
     end
-    s.key, s.ttl, s.window, s.names, s.counts = base .. ':' .. number, window + 2 * bucket, window, names, counts
+    s.key, s.ttl, s.window, s.names, s.counts = name .. ':' .. number, window + 2 * bucket, window, names, counts
     -- The oldest bucket straddles the window's start: whether its usage has left is read only
-    -- where it matters (the remaining a key is told; a deployment that is otherwise full).
-    if counts[1] > 0 and (s.group == 0 or s.used + s.cost > s.limit) then
+    -- where it matters (the remaining a key is told; a limit that is otherwise full).
+    if counts[1] > 0 and (report or s.used + s.cost > s.limit) then
       s.first = leaves(s, 1)
       if s.first <= now then
         s.used, counts[1] = s.used - counts[1], 0
@@ -63,7 +62,7 @@ for i = 4, #ARGV, 3 do
       number = math.floor(now / window)
       s.reset, s.ttl = window - (now - number * window), 2 * window
     end
-    s.key = base .. ':' .. number
+    s.key = name .. ':' .. number
     s.used = tonumber(redis.call('GET', s.key) or '0')
   end
   s.fits = s.used + s.cost <= s.limit
@@ -91,56 +90,29 @@ local function later(a, b)
 end
 
 -- A refusal reports the limit that frees last: a retry at its reset is let in by every one.
-local refused, chosen = 0, 0
+local refused = 0
 for i, s in ipairs(states) do
-  if s.group == 0 and not s.fits then
+  if not s.fits then
     s.wait = reset(s, false)
     if refused == 0 or later(s, states[refused]) then refused = i end
   end
 end
-if alternatives > 0 then
-  local full = {}
-  for _, s in ipairs(states) do
-    if s.group > 0 and not s.fits then full[s.group] = true end
-  end
-  for g = 1, alternatives do
-    if not full[g] then chosen = g; break end
-  end
-  if chosen == 0 and free == 0 then
-    -- Every deployment is over its quota: the one that frees soonest (when its last limit does).
-    local worst = {}
-    for i, s in ipairs(states) do
-      if s.group > 0 and not s.fits then
-        s.wait = reset(s, false)
-        if not worst[s.group] or later(s, states[worst[s.group]]) then worst[s.group] = i end
-      end
-    end
-    local soonest = worst[1]
-    for g = 2, alternatives do
-      if later(states[soonest], states[worst[g]]) then soonest = worst[g] end
-    end
-    if refused == 0 or later(states[soonest], states[refused]) then refused = soonest end
-  end
-  if refused > 0 then chosen = 0 end
-end
 
 if refused == 0 then
   for _, s in ipairs(states) do
-    if s.group == 0 or s.group == chosen then
-      if s.kind == 'c' then
-        redis.call('ZADD', s.key, now + s.ttl, member)
-        redis.call('PEXPIRE', s.key, s.ttl)
-      elseif s.cost > 0 then
-        redis.call('INCRBY', s.key, s.cost)
-        redis.call('PEXPIREAT', s.key, now + s.ttl)
-      end
+    if s.kind == 'c' then
+      redis.call('ZADD', s.key, now + s.ttl, member)
+      redis.call('PEXPIRE', s.key, s.ttl)
+    elseif s.cost > 0 then
+      redis.call('INCRBY', s.key, s.cost)
+      redis.call('PEXPIREAT', s.key, now + s.ttl)
     end
   end
 end
 
-local out = {refused == 0 and 1 or 0, refused, refused > 0 and states[refused].wait or 0, chosen, now}
-for _, s in ipairs(states) do
-  if s.group == 0 then
+local out = {refused == 0 and 1 or 0, refused, refused > 0 and states[refused].wait or 0, now}
+if report then
+  for _, s in ipairs(states) do
     local cost = refused == 0 and s.cost or 0
     out[#out + 1] = math.max(0, s.limit - s.used - cost)
     out[#out + 1] = s.wait or reset(s, refused == 0)

@@ -1,5 +1,5 @@
 for i = 1, #ARGV, 3 do
-  local key = KEYS[1] .. ':' .. ARGV[i + 1]
+  local key = ARGV[i + 1]
   if ARGV[i] == 'r' then
     redis.call('ZREM', key, ARGV[i + 2])
   elseif redis.call('EXISTS', key) == 1 and redis.call('INCRBY', key, ARGV[i + 2]) < 0 then

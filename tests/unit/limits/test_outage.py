@@ -13,14 +13,15 @@ from gateway.limits.specs import (
     MINUTE_BUCKET_MS,
     MINUTE_MS,
     MONTH,
+    RECONCILE,
     REQUESTS,
     SLIDING,
     Spec,
     calendar,
 )
 
-DAY_BUDGET = Spec(CALENDAR, "k:a:usd", 1000, DAY_MS, 0, COST, "usd", "this key")
-MONTH_BUDGET = Spec(CALENDAR, "k:a:m:x:usd", 5000, MONTH, 0, COST, "usd", "this key on `x`")
+DAY_BUDGET = Spec(CALENDAR, "gw:{k:a}:usd", 1000, DAY_MS, 0, COST, "usd", "this key")
+MONTH_BUDGET = Spec(CALENDAR, "gw:{k:a}:m:x:usd", 5000, MONTH, 0, COST, "usd", "this key on `x`")
 
 
 def admission(cost: int) -> Admission:
@@ -63,12 +64,13 @@ def test_corrections_take_and_restore() -> None:
     assert ledger.admit((DAY_BUDGET,), held) is None
     spec, at, amount, _ = held.charges[0]
     ledger.correct(spec, at, 40 - amount)  # it really cost 40
-    owed = ledger.take()
+    [(script, keys, owed)] = ledger.take()  # one RECONCILE per tag
     number = calendar(DAY_MS, at)[0]
-    assert owed[:2] == [f"k:a:usd:{number}", 40] and 0 < int(owed[2]) <= 2 * DAY_MS
+    assert script is RECONCILE and keys == ["gw:{k:a}"]
+    assert owed[:2] == [f"gw:{{k:a}}:usd:{number}", 40] and 0 < int(owed[2]) <= 2 * DAY_MS
     assert not ledger  # handed out
     ledger.restore(owed)  # the store did not take it
-    assert ledger.take()[:2] == owed[:2]
+    assert ledger.take()[0][2][:2] == owed[:2]
 
 
 def test_a_window_already_over_is_owed_nothing() -> None:
@@ -78,7 +80,7 @@ def test_a_window_already_over_is_owed_nothing() -> None:
 
 
 def test_local_limits_and_budgets_are_charged_together_or_not_at_all() -> None:
-    rpm = Spec(SLIDING, "k:a:rpm", 1, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "this key")
+    rpm = Spec(SLIDING, "gw:{k:a}:rpm", 1, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "this key")
     local, ledger = Local(), Ledger()
     ledger.seen(DAY_BUDGET, now_ms(), remaining=100)
     refused = local.admit((rpm, DAY_BUDGET), admission(500), ledger)
