@@ -25,7 +25,10 @@ async def test_no_primary_holds_most_of_the_cache(
 ) -> None:
     cluster_setup.flush()
     store = {"url": cluster_setup.url}
-    text = config_text + f"store: {json.dumps(store)}\ncache: {{enabled: true, ttl_s: 60}}\n"
+    # Team A has a limit: its lookups ride in the admission's round trip, the two scripts in two slots.
+    limited = config_text.replace(f"key: {KEY_A},", f"key: {KEY_A}, limits: {{rpm: 100000}},")
+    assert limited != config_text
+    text = limited + f"store: {json.dumps(store)}\ncache: {{enabled: true, ttl_s: 60}}\n"
     app = build_app(parse(text, {}))
     async with app.lifespan(None), Client(app, KEY_A) as a, Client(app, KEY_B) as b:  # type: ignore[arg-type]
 
@@ -42,6 +45,9 @@ async def test_no_primary_holds_most_of_the_cache(
     assert [r.headers["x-cache"] for r in first] == ["miss"] * PROMPTS
     assert [r.headers["x-cache"] for r in again] == ["hit"] * PROMPTS
     assert len(mock.requests) == PROMPTS
+    assert [r.headers.get("x-ratelimit-remaining-requests") is not None for r in again] == [
+        i % 2 == 1 for i in range(PROMPTS)
+    ]
 
     per_primary = []
     for node in cluster_setup.primaries():
