@@ -7,9 +7,10 @@ the lock's value, the leader's flight token (it follows).
 
 The leader answers its own client as usual; what it sends is also appended, by
 a background writer so its client never waits on the store, to the flight's log
-`gw:{cache}:flight:<token>` (a Redis stream): the head (content type), each
-body chunk, then an end mark, `END` for a complete 200 answer, `FAILED` for
-anything else (an error status, a broken stream, a disconnect). While the
+`gw:cache:{<sha256>}:flight:<token>` (a Redis stream under the entry's hash tag, so
+in the slot of the entry and its lock): the head (content type), each body chunk,
+then an end mark, `END` for a complete 200 answer, `FAILED` for anything else (an
+error status, a broken stream, a disconnect). While the
 flight lasts the writer renews the lease and the log's expiry every lease/3.
 On `END` it fills the cache entry first and only then releases the lock, so a
 newcomer finds either the entry or the flight.
@@ -56,8 +57,9 @@ END = b"e"  # the answer is complete: 200, whole
 FAILED = b"f"  # the answer is not to be passed on
 
 
-def log_key(token: str) -> str:
-    return f"gw:{{cache}}:flight:{token}"
+def log_key(lock: str, token: str) -> str:
+    """The log of flight `token` of `lock`: under the lock's hash tag, as RENEW touches both."""
+    return lock[: lock.index("}") + 1] + ":flight:" + token
 
 
 def new_token() -> str:
@@ -145,7 +147,7 @@ class Flight:
         self.store = store
         self.lock = lock
         self.token = token
-        self.log = log_key(token)
+        self.log = log_key(lock, token)
         self.lease_s = lease_s
         self.log_ttl_s = log_ttl_s
         self._pending: list[bytes] = []
@@ -227,7 +229,7 @@ class Tail:
 
     async def _read(self) -> None:
         after = "0"
-        log_name, token = log_key(self.token), self.token.encode()
+        log_name, token = log_key(self.lock, self.token), self.token.encode()
         try:
             while True:
                 found = await self.store.xread(log_name, after, block_s=self.poll_s)

@@ -1,7 +1,7 @@
 """Exact-match response cache, shared by every replica through the store, with request coalescing.
 
 Key: SHA-256 of the canonical request (operation, every field but `user`, `stream`
-and `stream_options`, keys sorted), scoped to the caller's key unless `cache.shared`.
+and `stream_options`, keys sorted) and its scope: the caller's key, or `shared` with `cache.shared`.
 Cacheable: `temperature` 0, or `cache.mode: always`, or the client's
 `x-gateway-cache: on`; `x-gateway-cache: refresh` (or `Cache-Control: no-cache`)
 skips the lookup and refills, `off` (or `no-store`) neither reads nor writes.
@@ -22,13 +22,16 @@ Purge without scanning: entry keys carry generation numbers (all, per key, per
 model) held in `gw:{cache}:gen` and copied locally, kept exact by pub/sub; a purge
 bumps one and the entries it covers become unreachable until their TTL ends.
 
-Keys, all under the `{cache}` hash tag (one slot, so a script may use several):
-    gw:{cache}:gen                                  hash: generation per purge scope
+Keys. An entry's key has its digest as hash tag, and so do its lock and its flights' logs: each
+script call (CLAIM, RENEW, RELEASE) touches one Redis Cluster slot, and entries spread over all slots.
+No script reads the generations: they are in the entry key's text, computed here.
+    gw:{cache}:gen                                  hash: generation per purge scope (one slot, read
+                                                    at start and when it changes, never per request)
     gw:{cache}:events                               pub/sub channel: a generation changed
-    gw:{cache}:<all>.<key>.<model>:<scope>:<sha256> an entry: msgpack [content type, body], TTL `ttl_s`
+    gw:cache:{<sha256>}:<all>.<key>.<model>:<scope> an entry: msgpack [content type, body], TTL `ttl_s`
     <entry key>:lock[:nousage]                      the flight's leader token, PX `coalesce_lease_s`
-    gw:{cache}:flight:<token>                       stream: the flight's log (gateway/coalesce.py),
-                                                    TTL `coalesce_wait_s + coalesce_lease_s` after a write
+    gw:cache:{<sha256>}:flight:<token>              stream: the flight's log (coalesce.py), TTL
+                                                    `coalesce_wait_s + coalesce_lease_s` after a write
 """
 
 from __future__ import annotations
@@ -134,11 +137,13 @@ class ResponseCache:
         op = ctx.operation
         assert op is not None and ctx.policy is not None
         canonical = {k: v for k, v in ctx.body.items() if k not in _UNKEYED}
-        digest = hashlib.sha256(orjson.dumps([op.value, canonical], option=orjson.OPT_SORT_KEYS)).hexdigest()
         scope = "shared" if self.shared else ctx.policy.key_id
+        # The scope is hashed too, so one prompt asked under many keys spreads over slots as well.
+        identity = orjson.dumps([op.value, scope, canonical], option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.sha256(identity).hexdigest()
         g = self._gens
         gens = f"{g.get('all', 0)}.{g.get('key:' + scope, 0)}.{g.get('model:' + ctx.model, 0)}"
-        return f"gw:{{cache}}:{gens}:{scope}:{digest}"
+        return f"gw:cache:{{{digest}}}:{gens}:{scope}"
 
     async def get(self, key: str) -> Entry | None:
         try:
