@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
-from gateway.limits.specs import SETTLE
+from gateway.limits.specs import CORRECT, RELEASE, SETTLE
 from gateway.store import Call, Store, StoreError
 from gateway.tasks import Background
 
@@ -18,7 +19,8 @@ log = logging.getLogger("gateway.limiter")
 
 class Batch:
     """Settlements that arrive while one is on its way to the store go together: one SETTLE per
-    tag, all in one round trip (pipelined; on a cluster, in parallel per node).
+    tag, all in one round trip (pipelined; on a cluster, in parallel per node), the corrections
+    of one counter summed into one.
 
     Nothing waits to fill a batch: at low load each goes at once; under load the
     round trips per request fall with the queue.
@@ -44,16 +46,35 @@ class Batch:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
-                merged: dict[str, list[str | int | bytes]] = {}
-                for groups, _ in batch:
-                    for tag, args in groups.items():
-                        merged.setdefault(tag, []).extend(args)
-                calls: list[Call] = [(SETTLE, [tag], args) for tag, args in merged.items()]
+                calls = _merged(groups for groups, _ in batch)
                 try:
-                    await (self.store.run(*calls[0]) if len(calls) == 1 else self.store.run_many(calls))
+                    if len(calls) == 1:
+                        await self.store.run(*calls[0])
+                    elif calls:
+                        await self.store.run_many(calls)
                 except StoreError as exc:
                     log.warning("limits of %d requests not settled (estimates stand): %s", len(batch), exc)
                 for _, done in batch:
                     done.set_result(None)
         finally:
             self._draining = False
+
+
+def _merged(batch: Iterable[dict[str, list[str | int | bytes]]]) -> list[Call]:
+    """One SETTLE per tag: every lease released, and one correction per counter (their sum)."""
+    releases: dict[str, list[str | int | bytes]] = {}
+    deltas: dict[str, dict[str | int | bytes, int]] = {}
+    for groups in batch:
+        for tag, args in groups.items():
+            released, corrected = releases.setdefault(tag, []), deltas.setdefault(tag, {})
+            for i in range(0, len(args), 3):
+                if args[i] == RELEASE:
+                    released += args[i : i + 3]
+                else:
+                    corrected[args[i + 1]] = corrected.get(args[i + 1], 0) + int(args[i + 2])
+    calls: list[Call] = []
+    for tag, released in releases.items():
+        args = released + [x for name, delta in deltas[tag].items() if delta for x in (CORRECT, name, delta)]
+        if args:
+            calls.append((SETTLE, [tag], args))
+    return calls
