@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from gateway.limits.specs import CORRECT, RELEASE, SETTLE
+from gateway.limits.specs import RELEASE, SETTLE
 from gateway.store import Call, Store, StoreError
 from gateway.tasks import Background
 
@@ -63,18 +63,19 @@ class Batch:
 def _merged(batch: Iterable[dict[str, list[str | int | bytes]]]) -> list[Call]:
     """One SETTLE per tag: every lease released, and one correction per counter (their sum)."""
     releases: dict[str, list[str | int | bytes]] = {}
-    deltas: dict[str, dict[str | int | bytes, int]] = {}
+    deltas: dict[str, dict[tuple[str | int | bytes, ...], int]] = {}
     for groups in batch:
         for tag, args in groups.items():
             released, corrected = releases.setdefault(tag, []), deltas.setdefault(tag, {})
-            for i in range(0, len(args), 3):
+            for i in range(0, len(args), 4):
                 if args[i] == RELEASE:
-                    released += args[i : i + 3]
+                    released += args[i : i + 4]
                 else:
-                    corrected[args[i + 1]] = corrected.get(args[i + 1], 0) + int(args[i + 2])
+                    counter = tuple(args[i : i + 3])  # op, counter, bucket
+                    corrected[counter] = corrected.get(counter, 0) + int(args[i + 3])
     calls: list[Call] = []
     for tag, released in releases.items():
-        args = released + [x for name, delta in deltas[tag].items() if delta for x in (CORRECT, name, delta)]
+        args = released + [x for counter, delta in deltas[tag].items() if delta for x in (*counter, delta)]
         if args:
             calls.append((SETTLE, [tag], args))
     return calls

@@ -33,7 +33,6 @@ from gateway.limits.batch import Batch
 from gateway.limits.outage import Ledger, Local
 from gateway.limits.specs import (
     ADMIT,
-    CORRECT,
     COST,
     DEFAULT_COMPLETION_TOKENS,
     LEASE,
@@ -42,7 +41,7 @@ from gateway.limits.specs import (
     REQUESTS,
     TOKENS,
     Spec,
-    counter_of,
+    correction,
     estimate,
     key_base,
     later,
@@ -282,9 +281,9 @@ class Limiter:
             args = groups.setdefault(specs[0].tag, [])
             for spec in specs:
                 if spec.kind == LEASE:
-                    args += [RELEASE, spec.name, member]
+                    args += [RELEASE, spec.name, "", member]
                 elif amount := self._amount(spec, admission):
-                    args += [CORRECT, counter_of(spec, now), -amount]
+                    args += correction(spec, now, -amount)
             admission.charges = [c for c in admission.charges if c[0] not in specs]
         if groups:
             await self._settling.add(groups)
@@ -322,7 +321,7 @@ class Limiter:
             usage = (estimate(ctx.body)[0], ctx.streamed or 0)
         groups: dict[str, list[str | int | bytes]] = {}
         if admission.lease is not None:
-            groups[admission.lease.tag] = [RELEASE, admission.lease.name, admission.member]
+            groups[admission.lease.tag] = [RELEASE, admission.lease.name, "", admission.member]
         for spec, now, amount, route in admission.charges:
             if spec.counts == REQUESTS:
                 actual = 0 if hit and route is not None else amount  # a hit never reached the deployment
@@ -341,7 +340,7 @@ class Limiter:
                     assert self.ledger is not None
                     self.ledger.correct(spec, now, actual - amount)
                 else:
-                    groups.setdefault(spec.tag, []).extend((CORRECT, counter_of(spec, now), actual - amount))
+                    groups.setdefault(spec.tag, []).extend(correction(spec, now, actual - amount))
         if admission.local:
             self._local.release(admission.member)
         elif groups:  # nothing to correct and no lease: no round trip

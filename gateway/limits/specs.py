@@ -147,77 +147,73 @@ def calendar(window: int, now: int) -> tuple[int, int, int]:
 
 
 def counter_of(spec: Spec, now: int) -> str:
-    """The name of the counter `spec` charged at `now` (a sliding bucket or a calendar window)."""
-    if spec.kind == SLIDING:
-        return f"{spec.name}:{now // spec.bucket_ms}"
+    """The name of the calendar counter `spec` charged at `now` (its day or month)."""
     return f"{spec.name}:{calendar(spec.window_ms, now)[0]}"
+
+
+def correction(spec: Spec, now: int, delta: int) -> tuple[bytes, str, str, int]:
+    """SETTLE's arguments adding `delta` to what `spec` charged at `now` (its bucket or window)."""
+    if spec.kind == SLIDING:
+        return HASH, spec.name, str(now // spec.bucket_ms), delta
+    return CORRECT, counter_of(spec, now), "", delta
 
 
 class _State:
     """One limit's reading in ADMIT (the Lua's table `s`)."""
 
     __slots__ = (
-        "cost",
-        "counts",
-        "first",
-        "fits",
-        "key",
-        "kind",
-        "limit",
-        "names",
-        "reset",
-        "ttl",
-        "used",
-        "wait",
-        "window",
-    )
+        "buckets", "cost", "current", "dirty", "first", "fits", "hash", "key", "kind", "limit", "number",
+        "oldest", "reset", "ttl", "used", "wait", "window",
+    )  # fmt: skip
 
-    def __init__(self, kind: bytes, limit: int, cost: int) -> None:
-        self.kind, self.limit, self.cost = kind, limit, cost
-        self.first: int | None = None
+    def __init__(self, kind: bytes, limit: int, cost: int, key: str) -> None:
+        self.kind, self.limit, self.cost, self.key = kind, limit, cost, key
+        self.first: tuple[int, int] | None = None  # the oldest bucket's (usage, last charge), when read
         self.wait: int | None = None
-        self.reset = self.window = 0
-        self.counts: list[int] = []
-        self.names: list[str] = []
+        self.oldest: int | None = None
+        self.reset = self.window = self.number = self.current = 0
+        self.dirty = False
+        self.hash: dict[str, Any] = {}
+        self.buckets: dict[str, list[int]] = {}
 
 
-def _leaves(ops: LocalOps, s: _State, j: int) -> int:
-    """When the usage in bucket j leaves the window: a window after the bucket's last charge,
-    which the counter's expiry records (every charge sets it to that instant + ttl)."""
-    return ops.pexpiretime(s.names[j]) - s.ttl + s.window
+def _slide(ops: LocalOps, s: _State, now: int, span: int) -> None:
+    """A sliding limit's hash (here one JSON value): t, o, and per bucket [usage, last charge]. A
+    bucket's usage counts until a window after its last charge: only one a span behind can have left."""
+    s.hash = orjson.loads(ops.get(s.key) or b'{"t": 0, "o": null, "b": {}}')
+    s.buckets = s.hash["b"]
+    s.used, s.oldest = s.hash["t"], s.hash["o"]
+    s.current = s.buckets.get(str(s.number), (0, 0))[0]
+    while s.oldest is not None and s.oldest <= s.number - span:
+        count, last = s.buckets.get(str(s.oldest), (0, 0))
+        if last + s.window > now:
+            s.first = (count, last)
+            return
+        s.used, s.dirty = s.used - count, True
+        s.buckets.pop(str(s.oldest), None)
+        s.oldest = next((b for b in range(s.oldest + 1, s.number + 1) if str(b) in s.buckets), None)
 
 
-def _read(ops: LocalOps, args: list[bytes], i: int, now: int, report: bool) -> _State:
+def _read(ops: LocalOps, args: list[bytes], i: int, now: int) -> _State:
     kind, *numbers, packed_name = args[i].split(b"|", 4)
     limit, window, bucket = map(int, numbers)
-    s = _State(kind, limit, int(args[i + 1]))
-    base = packed_name.decode()
+    s = _State(kind, limit, int(args[i + 1]), packed_name.decode())
     if kind == LEASE:
-        leases = {m: e for m, e in orjson.loads(ops.get(base) or b"{}").items() if e > now}
-        ops.set(base, orjson.dumps(leases), window / 1000) if leases else ops.delete(base)
-        s.key, s.used, s.reset, s.ttl = base, len(leases), 1000, window
+        leases = {m: e for m, e in orjson.loads(ops.get(s.key) or b"{}").items() if e > now}
+        ops.set(s.key, orjson.dumps(leases), window / 1000) if leases else ops.delete(s.key)
+        s.used, s.reset, s.ttl = len(leases), 1000, window
     elif kind == SLIDING:
-        # The current bucket and a window's worth before it: a span that covers the last window.
-        number, span = now // bucket, window // bucket
-        s.names = [f"{base}:{b}" for b in range(number - span, number + 1)]
-        s.counts = counts = [int(ops.get(name) or b"0") for name in s.names]
-        s.used = sum(counts)
-        s.key, s.ttl, s.window = f"{base}:{number}", window + 2 * bucket, window
-        # The oldest bucket straddles the window's start: whether its usage has left is read only
-        # where it matters (the remaining a key is told; a limit that is otherwise full).
-        if counts[0] > 0 and (report or s.used + s.cost > s.limit):
-            s.first = _leaves(ops, s, 0)
-            if s.first <= now:
-                s.used, counts[0] = s.used - counts[0], 0
+        s.window, s.ttl, s.number = window, window + 2 * bucket, now // bucket
+        _slide(ops, s, now, window // bucket)
     else:
         number, s.reset, s.ttl = calendar(window, now)
-        s.key = f"{base}:{number}"
+        s.key = f"{s.key}:{number}"
         s.used = int(ops.get(s.key) or b"0")
     s.fits = s.used + s.cost <= s.limit
     return s
 
 
-def _reset(ops: LocalOps, s: _State, now: int, charged: bool) -> int:
+def _reset(s: _State, now: int, charged: bool) -> int:
     """ms until `s` lets the request in, no one else admitted meanwhile (when it fits: until the
     first of its counted usage leaves; when it never can: until all of it has left)."""
     if s.kind != SLIDING:
@@ -226,11 +222,13 @@ def _reset(ops: LocalOps, s: _State, now: int, charged: bool) -> int:
     need = min(need, s.used)
     if need == 0:
         return s.window if charged and s.cost > 0 else 0
+    assert s.oldest is not None  # usage counted: some bucket holds it
     freed = 0
-    for j, count in enumerate(s.counts):
+    for b in range(s.oldest, s.number + 1):
+        count, last = s.first if b == s.oldest and s.first else s.buckets.get(str(b), (0, 0))
         freed += count
         if count > 0 and freed >= need:
-            return (s.first if j == 0 and s.first is not None else _leaves(ops, s, j)) - now
+            return last + s.window - now
     raise AssertionError("need is at most the usage counted")
 
 
@@ -245,28 +243,35 @@ def later(never_a: bool, wait_a: int, never_b: bool, wait_b: int) -> bool:
 def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]:
     now = int(ops.time() * 1000)
     member, report = args[0].decode(), args[1] == b"1"
-    states = [_read(ops, args, i, now, report) for i in range(2, len(args), 2)]
+    states = [_read(ops, args, i, now) for i in range(2, len(args), 2)]
     # A refusal reports the limit that frees last: a retry at its reset is let in by every one.
     refused = 0
     for i, s in enumerate(states, 1):
         if not s.fits:
-            s.wait = _reset(ops, s, now, False)
+            s.wait = _reset(s, now, False)
             if refused == 0 or later(s.cost > s.limit, s.wait, *_never_wait(states[refused - 1])):
                 refused = i
-    if not refused:
-        for s in states:
-            if s.kind == LEASE:
-                leases = orjson.loads(ops.get(s.key) or b"{}")
-                leases[member] = now + s.ttl
-                ops.set(s.key, orjson.dumps(leases), s.ttl / 1000)
-            elif s.cost:
-                ops.incr(s.key, s.cost)
-                ops.pexpireat(s.key, now + s.ttl)
+    for s in states:
+        if not refused and s.kind == LEASE:
+            leases = orjson.loads(ops.get(s.key) or b"{}")
+            leases[member] = now + s.ttl
+            ops.set(s.key, orjson.dumps(leases), s.ttl / 1000)
+        elif not refused and s.cost and s.kind == SLIDING:
+            s.buckets[str(s.number)] = [s.current + s.cost, now]
+            s.hash["t"], s.hash["o"] = s.used + s.cost, s.number if s.oldest is None else s.oldest
+            ops.set(s.key, orjson.dumps(s.hash), s.ttl / 1000)
+        elif not refused and s.cost:
+            ops.incr(s.key, s.cost)
+            ops.pexpireat(s.key, now + s.ttl)
+        elif s.dirty:  # buckets that left, dropped: the total and the oldest follow
+            s.hash["t"], s.hash["o"] = s.used, s.oldest
+            ttl = ops.ttl(s.key)
+            ops.set(s.key, orjson.dumps(s.hash), ttl) if s.oldest is not None and ttl else ops.delete(s.key)
     out = [0 if refused else 1, refused, states[refused - 1].wait if refused else 0, now]
     if report:
         for s in states:
             out.append(max(0, s.limit - s.used - (0 if refused else s.cost)))
-            out.append(s.wait if s.wait is not None else _reset(ops, s, now, not refused))
+            out.append(s.wait if s.wait is not None else _reset(s, now, not refused))
     return out
 
 
@@ -283,25 +288,31 @@ def _never_wait(s: _State) -> tuple[bool, int]:
 ADMIT = Script("gateway.rate_admit", lua_source("gateway.limits", "admit.lua"), _admit_local)
 
 
-RELEASE, CORRECT = b"r", b"c"
+RELEASE, CORRECT, HASH = b"r", b"c", b"h"
 
 
 def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
-    for i in range(0, len(args), 3):
-        key = args[i + 1].decode()
-        if args[i] == RELEASE:
+    for i in range(0, len(args), 4):
+        op, key, field, value = args[i], args[i + 1].decode(), args[i + 2].decode(), args[i + 3]
+        if op == RELEASE:
             leases = orjson.loads(ops.get(key) or b"{}")
-            if leases.pop(args[i + 2].decode(), None) is not None:
+            if leases.pop(value.decode(), None) is not None:
                 ttl = ops.ttl(key)
                 ops.set(key, orjson.dumps(leases), ttl) if leases and ttl else ops.delete(key)
-        elif ops.get(key) is not None and (value := ops.incr(key, int(args[i + 2]))) < 0:
-            ops.incr(key, -value)  # back to 0, its expiry (the last charge's record) kept
+        elif op == CORRECT:
+            if ops.get(key) is not None and (total := ops.incr(key, int(value))) < 0:
+                ops.incr(key, -total)  # back to 0, its expiry (the last charge's record) kept
+        elif (raw := ops.get(key)) is not None and field in (state := orjson.loads(raw))["b"]:
+            count = state["b"][field][0]
+            corrected = max(0, count + int(value))
+            state["b"][field][0], state["t"] = corrected, max(0, state["t"] + corrected - count)
+            ops.set(key, orjson.dumps(state), ops.ttl(key))
     return 1
 
 
-# KEYS[1]: the tag of the counters (one scope's). ARGV: triples, of one or many requests: ("r",
-# lease name, request id) releases a lease; ("c", counter name with its bucket or window number,
-# delta) corrects what admission charged. A counter whose window has expired is left alone; none
+# KEYS[1]: the tag of the counters (one scope's). ARGV: quadruples, of one or many requests:
+# (RELEASE, lease name, "", request id); (CORRECT, calendar counter with its window number, "",
+# delta); (HASH, sliding limit, bucket number, delta). What has expired is left alone; nothing
 # goes below zero.
 SETTLE = Script("gateway.rate_settle", lua_source("gateway.limits", "settle.lua"), _settle_local)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from gateway.limits.specs import (
@@ -91,11 +92,10 @@ class TestAdmission:
     async def test_settle_corrects_never_below_zero_and_skips_gone_windows(self, store: Store) -> None:
         reply = await admit(store, limit(f"{KEY}:tpm", 100, 90))
         bucket = reply[3] // (MINUTE_MS // 20)
-        await store.run(SETTLE, [KEY], ["c", f"{KEY}:tpm:{bucket}", -60])
+        await store.run(SETTLE, [KEY], ["h", f"{KEY}:tpm", bucket, -60])
         assert (await admit(store, limit(f"{KEY}:tpm", 100, 0)))[4] == 70
-        await store.run(SETTLE, [KEY], ["c", f"{KEY}:tpm:{bucket}", -500, "c", f"{KEY}:tpm:{bucket - 5}", 7])
-        assert (await admit(store, limit(f"{KEY}:tpm", 100, 100)))[0] == 1
-        assert await store.get(f"{KEY}:tpm:{bucket - 5}") is None  # not created by a correction
+        await store.run(SETTLE, [KEY], ["h", f"{KEY}:tpm", bucket, -500, "h", f"{KEY}:tpm", bucket - 5, 7])
+        assert (await admit(store, limit(f"{KEY}:tpm", 100, 100)))[0] == 1  # bucket - 5 not made by a correction
 
 
 @all_stores
@@ -112,7 +112,7 @@ class TestDeploymentsAndLeases:
     async def test_concurrency_lease_caps_releases_and_expires(self, store: Store) -> None:
         cap = limit(f"{KEY}:conc", 2, kind=LEASE, window=400)
         assert [(await admit(store, cap, member=m))[0] for m in ("r1", "r2", "r3")] == [1, 1, 0]
-        await store.run(SETTLE, [KEY], ["r", f"{KEY}:conc", "r1", "r", f"{KEY}:conc", "unknown"])
+        await store.run(SETTLE, [KEY], ["r", f"{KEY}:conc", "", "r1", "r", f"{KEY}:conc", "", "unknown"])
         assert (await admit(store, cap, member="r4"))[0] == 1
         await anyio.sleep(0.5)  # r2 and r4 die with their replica: their leases expire
         assert [(await admit(store, cap, member=m))[0] for m in ("r5", "r6", "r7")] == [1, 1, 0]
@@ -123,7 +123,7 @@ class TestDeploymentsAndLeases:
         number, reset = month_number(first[3])
         assert first[0] == 1 and first[4:] == [400_000, reset]
         assert (await admit(store, budget))[0] == 0
-        await store.run(SETTLE, [KEY], ["c", f"{KEY}:usd:{number}", -500_000])  # it cost less
+        await store.run(SETTLE, [KEY], ["c", f"{KEY}:usd:{number}", "", -500_000])  # it cost less
         assert (await admit(store, budget))[0] == 1
 
     async def test_reconcile_adds_outage_spend_remaking_a_lost_counter(self, store: Store) -> None:
@@ -145,30 +145,38 @@ class TestDeploymentsAndLeases:
 
 
 def _put_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> None:
-    for i, key in enumerate(keys):
-        ops.set(key, args[2 * i])
-        ops.pexpireat(key, int(args[2 * i + 1]))
+    charges = [(int(args[i]), int(args[i + 1])) for i in range(0, len(args), 2)]
+    buckets = {str(last // BUCKET): [amount, last] for last, amount in charges}
+    state = {"t": sum(a for _, a in charges), "o": min(last // BUCKET for last, _ in charges), "b": buckets}
+    ops.set(keys[0], orjson.dumps(state))
+    ops.pexpireat(keys[0], max(last for last, _ in charges) + TTL)
 
 
-# Counters as ADMIT leaves them: KEYS, and ARGV pairs (count, expiry ms = the last charge + ttl).
+# A sliding limit's hash as ADMIT leaves it: KEYS[1] the limit, ARGV pairs (last charge ms, amount),
+# one per bucket, oldest first.
 PUT = Script(
-    "test.put_counters",
-    """
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[2 * i - 1])
-  redis.call('PEXPIREAT', key, ARGV[2 * i])
+    "test.put_usage",
+    f"""
+local total, last, oldest = 0, 0, nil
+for i = 1, #ARGV, 2 do
+  local at, amount = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local b = math.floor(at / {MINUTE_MS // 20})
+  redis.call('HSET', KEYS[1], b, amount, 'l' .. b, at)
+  total, last = total + amount, math.max(last, at)
+  if not oldest or b < oldest then oldest = b end
 end
+redis.call('HSET', KEYS[1], 't', total, 'o', oldest)
+redis.call('PEXPIREAT', KEYS[1], last + {MINUTE_MS + 2 * MINUTE_MS // 20})
 """,
     _put_local,
 )
 BUCKET = MINUTE_MS // 20
-TTL = MINUTE_MS + 2 * BUCKET  # a minute limit's counter lives this long after its last charge
+TTL = MINUTE_MS + 2 * BUCKET  # a minute limit's hash lives this long after its last charge
 
 
 async def usage(store: Store, name: str, charges: list[tuple[int, int]]) -> None:
-    """Bucket counters of limit `name` holding `charges` (last charge ms, amount): one per bucket."""
-    keys = [f"{name}:{last // BUCKET}" for last, _ in charges]
-    await store.run(PUT, keys, [x for last, amount in charges for x in (amount, last + TTL)])
+    """Sliding limit `name` holding `charges` (last charge ms, amount): one per bucket, oldest first."""
+    await store.run(PUT, [name], [x for last, amount in charges for x in (last, amount)])
 
 
 def charges_at(now: int) -> list[tuple[int, int]]:

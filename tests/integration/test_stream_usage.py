@@ -98,7 +98,9 @@ def reconciled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
         finally:
             self._settling.add = add  # type: ignore[method-assign]
         delta = sum(
-            int(corrections[i + 2]) for i in range(0, len(corrections), 3) if ":tpm:" in corrections[i + 1]
+            int(corrections[i + 3])
+            for i in range(0, len(corrections), 4)
+            if corrections[i + 1].endswith(":tpm")
         )
         seen.append((ctx.admission.tokens, ctx.admission.tokens + delta))
 

@@ -20,39 +20,40 @@ local function month(ms)
 end
 
 local member, report = ARGV[1], ARGV[2] == '1'
--- When the usage in bucket j of sliding limit s leaves the window: a window after the bucket's
--- last charge, which the counter's expiry records (every charge sets it to that instant + ttl).
-local function leaves(s, j)
-  return redis.call('PEXPIRETIME', s.names[j]) - s.ttl + s.window
+-- A sliding limit is one hash: t (usage still counted), o (its oldest bucket with usage), and per
+-- bucket b its usage (field b) and last charge (field lb). A bucket's usage counts until a window
+-- after its last charge: only a bucket a span (window / bucket) or more behind can have left.
+local function bucket_of(s, b)  -- usage and last charge of bucket b
+  local v = redis.call('HMGET', s.key, b, 'l' .. b)
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+end
+local function slide(s, number, span)
+  local v = redis.call('HMGET', s.key, 't', 'o', number)
+  s.used, s.oldest, s.current = tonumber(v[1]) or 0, tonumber(v[2]), tonumber(v[3]) or 0
+  while s.oldest and s.oldest <= number - span do
+    local count, last = bucket_of(s, s.oldest)
+    if last + s.window > now then s.first, s.first_count = last, count; return end  -- still counted
+    s.used, s.dirty = s.used - count, true
+    redis.call('HDEL', s.key, s.oldest, 'l' .. s.oldest)
+    local b = s.oldest + 1
+    s.oldest = nil
+    while b <= number do  -- the next bucket with usage, if any
+      if redis.call('HEXISTS', s.key, b) == 1 then s.oldest = b; break end
+      b = b + 1
+    end
+  end
 end
 local states = {}
 for i = 3, #ARGV, 2 do
   local kind, limit, window, bucket, name = string.match(ARGV[i], '^(%a)|(%d+)|(%d+)|(%d+)|(.*)$')
-  local s = {kind = kind, limit = tonumber(limit), cost = tonumber(ARGV[i + 1])}
+  local s = {kind = kind, limit = tonumber(limit), cost = tonumber(ARGV[i + 1]), key = name}
   window, bucket = tonumber(window), tonumber(bucket)
   if s.kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', name, '-inf', now)
-    s.key, s.used, s.reset, s.ttl = name, redis.call('ZCARD', name), 1000, window
+    s.used, s.reset, s.ttl = redis.call('ZCARD', name), 1000, window
   elseif s.kind == 's' then
-    -- The current bucket and a window's worth before it: a span that covers the last window.
-    local number, span = math.floor(now / bucket), window / bucket
-    local names = {}
-    for b = number - span, number do names[#names + 1] = name .. ':' .. b end
-    local counts = redis.call('MGET', unpack(names))
-    s.used = 0
-    for j = 1, #counts do
-      counts[j] = tonumber(counts[j]) or 0
-      s.used = s.used + counts[j]
-    end
-    s.key, s.ttl, s.window, s.names, s.counts = name .. ':' .. number, window + 2 * bucket, window, names, counts
-    -- The oldest bucket straddles the window's start: whether its usage has left is read only
-    -- where it matters (the remaining a key is told; a limit that is otherwise full).
-    if counts[1] > 0 and (report or s.used + s.cost > s.limit) then
-      s.first = leaves(s, 1)
-      if s.first <= now then
-        s.used, counts[1] = s.used - counts[1], 0
-      end
-    end
+    s.window, s.ttl, s.number = window, window + 2 * bucket, math.floor(now / bucket)
+    slide(s, s.number, window / bucket)
   else
     local number
     if window == 0 then
@@ -77,9 +78,11 @@ local function reset(s, charged)
   if need > s.used then need = s.used end
   if need == 0 then return (charged and s.cost > 0) and s.window or 0 end
   local freed = 0
-  for j = 1, #s.counts do
-    freed = freed + s.counts[j]
-    if s.counts[j] > 0 and freed >= need then return (j == 1 and s.first or leaves(s, j)) - now end
+  for b = s.oldest, s.number do
+    local count, last = s.first_count, s.first
+    if b ~= s.oldest or not last then count, last = bucket_of(s, b) end
+    freed = freed + count
+    if count > 0 and freed >= need then return last + s.window - now end
   end
 end
 -- Whether a holds the request back longer than b: a limit it can never fit, else the later wait.
@@ -98,15 +101,19 @@ for i, s in ipairs(states) do
   end
 end
 
-if refused == 0 then
-  for _, s in ipairs(states) do
-    if s.kind == 'c' then
-      redis.call('ZADD', s.key, now + s.ttl, member)
-      redis.call('PEXPIRE', s.key, s.ttl)
-    elseif s.cost > 0 then
-      redis.call('INCRBY', s.key, s.cost)
-      redis.call('PEXPIREAT', s.key, now + s.ttl)
-    end
+for _, s in ipairs(states) do
+  if refused == 0 and s.kind == 'c' then
+    redis.call('ZADD', s.key, now + s.ttl, member)
+    redis.call('PEXPIRE', s.key, s.ttl)
+  elseif refused == 0 and s.cost > 0 and s.kind == 's' then
+    redis.call('HSET', s.key, 't', s.used + s.cost, 'o', s.oldest or s.number, s.number, s.current + s.cost,
+      'l' .. s.number, now)
+    redis.call('PEXPIRE', s.key, s.ttl)
+  elseif refused == 0 and s.cost > 0 then
+    redis.call('INCRBY', s.key, s.cost)
+    redis.call('PEXPIREAT', s.key, now + s.ttl)
+  elseif s.dirty then  -- buckets that left, dropped: the total and the oldest follow
+    if s.oldest then redis.call('HSET', s.key, 't', s.used, 'o', s.oldest) else redis.call('DEL', s.key) end
   end
 end
 

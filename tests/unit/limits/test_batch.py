@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from gateway.limits.batch import Batch
-from gateway.limits.specs import CORRECT, RELEASE, SETTLE
+from gateway.limits.specs import CORRECT, HASH, RELEASE, SETTLE
 from gateway.store import Call, MemoryStore, Script, ScriptArg, StoreError
 
 pytestmark = pytest.mark.anyio
@@ -41,23 +41,24 @@ class Recording(MemoryStore):
 async def test_what_arrives_meanwhile_goes_in_one_trip_merged_per_counter() -> None:
     store = Recording()
     key, deployment = "gw:{k:a}", "gw:{d:east}"
-    await store.set(f"{key}:tpm:1", b"500")
-    await store.set(f"{deployment}:tpm:1", b"500")
+    await store.set(f"{key}:usd:1", b"500")  # calendar counters: plain integers
+    await store.set(f"{deployment}:usd:1", b"500")
     batch = Batch(store)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batch.add, {key: [CORRECT, f"{key}:tpm:1", -10]})  # goes at once
+        tg.start_soon(batch.add, {key: [CORRECT, f"{key}:usd:1", "", -10]})  # goes at once
         await anyio.sleep(0.001)
         for delta in (-20, -30, 50):  # these three wait for it, then go together
-            tg.start_soon(batch.add, {key: [CORRECT, f"{key}:tpm:1", delta]})
+            tg.start_soon(batch.add, {key: [CORRECT, f"{key}:usd:1", "", delta]})
         tg.start_soon(
-            batch.add, {key: [RELEASE, f"{key}:conc", "r1"], deployment: [CORRECT, f"{deployment}:tpm:1", -7]}
+            batch.add,
+            {key: [RELEASE, f"{key}:conc", "", "r1"], deployment: [CORRECT, f"{deployment}:usd:1", "", -7]},
         )
     assert len(store.trips) == 2
     second = store.trips[1]
     assert [(c[0], list(c[1])) for c in second] == [(SETTLE, [key]), (SETTLE, [deployment])]
-    assert list(second[0][2]) == [RELEASE, f"{key}:conc", "r1"]  # -20 - 30 + 50: nothing to correct
-    assert list(second[1][2]) == [CORRECT, f"{deployment}:tpm:1", -7]
-    assert await store.get(f"{key}:tpm:1") == b"490" and await store.get(f"{deployment}:tpm:1") == b"493"
+    assert list(second[0][2]) == [RELEASE, f"{key}:conc", "", "r1"]  # -20 - 30 + 50: nothing to correct
+    assert list(second[1][2]) == [CORRECT, f"{deployment}:usd:1", "", -7]
+    assert await store.get(f"{key}:usd:1") == b"490" and await store.get(f"{deployment}:usd:1") == b"493"
 
 
 async def test_a_failed_settlement_is_logged_and_releases_its_waiters(
@@ -66,5 +67,5 @@ async def test_a_failed_settlement_is_logged_and_releases_its_waiters(
     store = Recording()
     store.fail = True
     with anyio.fail_after(2):
-        await Batch(store).add({"gw:{k:a}": [CORRECT, "gw:{k:a}:tpm:1", -10]})
+        await Batch(store).add({"gw:{k:a}": [HASH, "gw:{k:a}:tpm", "1", -10]})
     assert "not settled (estimates stand)" in caplog.text

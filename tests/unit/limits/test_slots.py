@@ -13,6 +13,7 @@ from gateway.limits.specs import (
     SLIDING,
     Spec,
     calendar,
+    correction,
     counter_of,
     deployment_base,
     key_base,
@@ -25,14 +26,14 @@ NOW = 1_790_000_000_000
 
 
 def names_touched(spec: Spec) -> list[str]:
-    """The counters ADMIT reads or writes for `spec`, and those SETTLE/RECONCILE correct."""
-    if spec.kind == SLIDING:
-        number = NOW // spec.bucket_ms
-        span = spec.window_ms // spec.bucket_ms
-        return [f"{spec.name}:{b}" for b in range(number - span, number + 1)] + [counter_of(spec, NOW)]
-    if spec.kind == LEASE:
-        return [spec.name]
-    return [f"{spec.name}:{calendar(spec.window_ms, NOW)[0]}", counter_of(spec, NOW)]
+    """The keys ADMIT reads or writes for `spec`, and those SETTLE/RECONCILE correct."""
+    if spec.kind in (SLIDING, LEASE):  # a sliding limit is one hash, a lease one zset
+        return [spec.name, correction(spec, NOW, 1)[1]]
+    return [
+        f"{spec.name}:{calendar(spec.window_ms, NOW)[0]}",
+        counter_of(spec, NOW),
+        correction(spec, NOW, 1)[1],
+    ]
 
 
 def scopes(key_id: str) -> list[tuple[Spec, ...]]:

@@ -38,9 +38,21 @@ class Clock:
 @pytest.mark.parametrize(
     ("spec", "costs", "gap_ms"),
     [
-        (Spec(SLIDING, "gw:{k:a}:rpm", 5, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "this key"), (1, 1), 4_000),
-        (Spec(SLIDING, "gw:{k:a}:tpm", 100, MINUTE_MS, MINUTE_BUCKET_MS, TOKENS, "tpm", "this key"), (1, 60), 2_500),
-        (Spec(SLIDING, "gw:{k:a}:rpd", 4, DAY_MS, DAY_BUCKET_MS, REQUESTS, "rpd", "this key"), (1, 1), 7_200_000),
+        (
+            Spec(SLIDING, "gw:{k:a}:rpm", 5, MINUTE_MS, MINUTE_BUCKET_MS, REQUESTS, "rpm", "this key"),
+            (1, 1),
+            4_000,
+        ),
+        (
+            Spec(SLIDING, "gw:{k:a}:tpm", 100, MINUTE_MS, MINUTE_BUCKET_MS, TOKENS, "tpm", "this key"),
+            (1, 60),
+            2_500,
+        ),
+        (
+            Spec(SLIDING, "gw:{k:a}:rpd", 4, DAY_MS, DAY_BUCKET_MS, REQUESTS, "rpd", "this key"),
+            (1, 1),
+            7_200_000,
+        ),
     ],
     ids=["rpm", "tpm", "rpd"],
 )
