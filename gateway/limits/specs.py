@@ -1,26 +1,26 @@
-"""Rate limits, quotas, concurrency caps and budgets: all of a request's checks in one atomic script.
+"""Rate limits, quotas, concurrency caps and budgets: the ADMIT script and its Python twin.
 
 A request is checked against its key's limits, the key's limits on that model,
-and the quota of the deployment it will go to. One script run decides them
-together on the store's clock (Redis TIME, so a replica's skewed clock changes
-nothing) and either charges every counter or none. When the model's first
-deployments are over their quota the script picks the next deployment that has
-room (the router's order); only when none has, the client gets 429.
+and the quota of the deployment it will go to. An ADMIT call decides the limits
+of one scope (a key's, or a deployment's) together on the store's clock (Redis
+TIME, so a replica's skewed clock changes nothing) and either charges every
+counter or none; limiter.py combines the calls of a request.
 
 Kinds of limit:
-    sliding   rpm, tpm, rpd: counters per bucket (3 s for a minute, 1 h for a day);
-              a bucket's usage counts until a window after its last charge (the
-              counter's expiry, set to that instant + window + 2 buckets, records
-              it), and a request is admitted when what still counts leaves room.
-              Only the oldest bucket of the span (the current one and a window's
-              worth before it) can be partly past the window, so that is the one
-              expiry read. No window of that length ever holds more than the limit
-              (never R + 1); the price is that a charge early in a bucket stays
-              counted until the bucket's last one is a window old (steady traffic
-              gets at least 95% of the limit; bench/limits_error.py measures it
-              against an exact sliding log). A refusal's reset is when enough of
-              the oldest usage has left for the request, so it is never more than
-              the window and a retry then is let in (no one else admitted meanwhile).
+    sliding   rpm, tpm, rpd: usage per bucket (3 s for a minute, 1 h for a day), all
+              of a limit in one hash with the total still counted and the oldest
+              bucket with usage; a bucket's usage counts until a window after its
+              last charge (recorded per bucket), and a request is admitted when what
+              still counts leaves room. Only a bucket a span (window / bucket) behind
+              the current one can have left, so a request reads the total and at
+              most that bucket; a bucket that left is subtracted from the total once.
+              No window of that length ever holds more than the limit (never R + 1);
+              the price is that a charge early in a bucket stays counted until the
+              bucket's last one is a window old (steady traffic gets at least 95% of
+              the limit; bench/limits_error.py measures it against an exact sliding
+              log). A refusal's reset is when enough of the oldest usage has left for
+              the request, so it is never more than the window and a retry then is
+              let in (no one else admitted meanwhile).
     calendar  budgets: USD (as nano-USD) per UTC day or month, a fixed window.
     lease     concurrency: a sorted set of in-flight request ids scored by expiry,
               released when the answer ends and expired if a replica dies mid-request.
@@ -30,16 +30,15 @@ Tokens and cost are charged as an estimate on admission (prompt characters / 4
 to its real usage (0 for an error or a cache hit).
 
 Store schema: a key's limits live under its own hash tag and each deployment's quota
-under its own, so on Redis Cluster they spread over the shards. A script runs on one
-slot, so a request whose key and deployment both have limits runs ADMIT once per tag
-(in one round trip: pipelined, or in parallel per node); when one refuses, what the
-other reserved is released (limiter.py):
-    gw:{k:<key id>}:<rpm|tpm|rpd>:<bucket number>          counter; expires window + 2 buckets after
-                                                           its last charge
-    gw:{k:<key id>}:m:<alias>:<rpm|tpm|rpd>:<bucket>       the key's limits on one model
-    gw:{k:<key id>}:usd:<day or month number>              budget spent, nano-USD
-    gw:{k:<key id>}:conc                                   zset: request id -> lease expiry (ms)
-    gw:{d:<provider>/<model>}:<rpm|tpm|rpd>:<bucket>       a deployment's quota, all keys together
+under its own, so on Redis Cluster they spread over the shards (a script runs on one
+slot: a request runs ADMIT once per tag, see limiter.py):
+    gw:{k:<key id>}:<rpm|tpm|rpd>              hash: t (usage counted), o (oldest bucket with usage),
+                                               <bucket> (its usage), l<bucket> (its last charge, ms);
+                                               expires window + 2 buckets after the last charge
+    gw:{k:<key id>}:m:<alias>:<rpm|tpm|rpd>    the key's limits on one model
+    gw:{k:<key id>}:usd:<day or month number>  budget spent, nano-USD
+    gw:{k:<key id>}:conc                       zset: request id -> lease expiry (ms)
+    gw:{d:<provider>/<model>}:<rpm|tpm|rpd>    a deployment's quota, all keys together
 """
 
 from __future__ import annotations

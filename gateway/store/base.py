@@ -36,7 +36,7 @@ class LocalOps(Protocol):
     """What a `Script.local` function may use: the memory store's keyspace, synchronously.
 
     The twin Lua script uses the matching Redis commands (GET, SET PX, INCRBY,
-    PEXPIRE, PEXPIREAT, PTTL, PEXPIRETIME, DEL, TIME). An operation on a value of the wrong kind raises
+    PEXPIRE, PEXPIREAT, PTTL, DEL, TIME). An operation on a value of the wrong kind raises
     `StoreError`, as Redis aborts the script with an error reply.
     """
 
@@ -60,10 +60,6 @@ class LocalOps(Protocol):
 
     def pexpireat(self, key: str, at_ms: int) -> None:
         """Expire `key` at `at_ms` (ms since the epoch), as PEXPIREAT; nothing when it does not exist."""
-        ...
-
-    def pexpiretime(self, key: str) -> int:
-        """When `key` expires (ms since the epoch), as PEXPIRETIME: -2 when missing, -1 without expiry."""
         ...
 
     def ttl(self, key: str) -> float | None:

@@ -142,12 +142,6 @@ class Keyspace:
         else:
             self._set_deadline(key, at_ms / 1000)
 
-    def pexpiretime(self, key: str) -> int:
-        if self._live(key) is None:
-            return -2
-        deadline = self._deadlines.get(key)
-        return -1 if deadline is None else round(deadline * 1000)
-
     def ttl(self, key: str) -> float | None:
         if self._live(key) is None:
             return None
