@@ -28,7 +28,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -159,11 +159,7 @@ class KeyStore:
         admin_writes: AdminWrites = CONFIRM_DEFAULTS,
     ):
         self.store = store
-        self._confirm = {
-            "replicas": None if admin_writes.replicas == "all" else admin_writes.replicas,
-            "aof": admin_writes.aof,
-            "timeout_s": admin_writes.timeout_ms / 1000,
-        }
+        self._admin_writes = admin_writes
         self._secret = hash_secret
         self._aliases = list(aliases)
         self._records: dict[str, KeyRecord] = {}
@@ -296,17 +292,28 @@ class KeyStore:
         Returns what the answer shows of both; a confirmation short of `store.admin_writes` raises
         `WriteNotConfirmed` once the change is applied everywhere (it stands on the primary).
         """
-        confirmed = await self.store.hset_confirmed(RECORDS, record.id, _encode(record), **self._confirm)
+        confirmed = await self._write(record.id, _encode(record))
         self._records[record.id] = record
         self._rebuild()
         return await self._settle(record.id, confirmed)
 
     async def remove(self, key_id: str) -> dict[str, dict[str, int]]:
         """Delete a key, as `save` stores one."""
-        confirmed = await self.store.hset_confirmed(RECORDS, key_id, None, **self._confirm)
+        confirmed = await self._write(key_id, None)
         self._records.pop(key_id, None)
         self._rebuild()
         return await self._settle(key_id, confirmed)
+
+    def _write(self, key_id: str, value: bytes | None) -> Awaitable[Confirmed]:
+        writes = self._admin_writes
+        return self.store.hset_confirmed(
+            RECORDS,
+            key_id,
+            value,
+            replicas=None if writes.replicas == "all" else writes.replicas,
+            aof=writes.aof,
+            timeout_s=writes.timeout_ms / 1000,
+        )
 
     async def _settle(self, key_id: str, confirmed: Confirmed) -> dict[str, dict[str, int]]:
         propagation = await self._announce(key_id)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
@@ -25,22 +26,25 @@ async def own_connection(client: Redis | RedisCluster, key: str) -> AsyncIterato
 
     One that failed is disconnected before it goes back, since a reply may still be on its way.
     """
+    node: ClusterNode | None = None
     if isinstance(client, RedisCluster):
         await client.initialize()
         node = client.get_node_from_key(key)
         assert node is not None
-        connection: AbstractConnection = node.acquire_connection()
+        acquired = node.acquire_connection()
+        connection: AbstractConnection = acquired
     else:
-        connection = await client.connection_pool.get_connection()
+        connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         yield connection
     except BaseException:
         await connection.disconnect()
         raise
     finally:
-        if isinstance(client, RedisCluster):
-            node.release(connection)
+        if node is not None:
+            node.release(acquired)
         else:
+            assert isinstance(client, Redis)
             await client.connection_pool.release(connection)
 
 
@@ -70,7 +74,7 @@ async def write_confirmed(
         # The wait blocks up to its own bound; its reply then has the store timeout to come back.
         waited = await _reply(connection, timeout_s + reply_timeout_s)
     if isinstance(written, ResponseError):
-        raise StoreError(f"{write[0]} refused: {written}")
+        raise StoreError(f"the write was refused: {written}")
     if len(commands) == 1:
         return Confirmed(wanted=0, replicas=0)
     if isinstance(waited, ResponseError):

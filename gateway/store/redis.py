@@ -303,7 +303,7 @@ class RedisStore(Store):
                     reply_timeout_s=self._timeout_s,
                 )
         except (StoreError, *_DRIVER_ERRORS, TimeoutError) as exc:
-            raise self._error(f"{write[0]} (confirmed)", exc) from exc
+            raise self._error("HSET" if value is not None else "HDEL", exc) from exc
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         try:

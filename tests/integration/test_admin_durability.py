@@ -32,7 +32,7 @@ HASH_SECRET = "h" * 32
 async def gateway(config_text: str, store: str) -> AsyncIterator[Any]:
     text = config_text.replace("auth:\n", f"auth:\n  admin_key: {ADMIN}\n  hash_secret: {HASH_SECRET}\n")
     app = build_app(parse(text + f"store: {store}\n", {}))
-    async with app.lifespan(None):  # type: ignore[arg-type]
+    async with app.lifespan(None):
         yield app
 
 
