@@ -181,7 +181,7 @@ class Snapshot:
             else None
         )
 
-        self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes)
+        self.keys = KeyStore(self.store, secret, config.auth.keys, self.routes, config.store.admin_writes)
         self.admin = AdminAPI(config.auth.admin_key, self.keys, self.breakers, self.usage, self.cache)
         interval = config.router.probe_interval_s
         every_route = [route for alias in aliases.values() for route in alias.routes]

@@ -56,11 +56,22 @@ class OutagePolicy(Struct):
     budgets: Literal["open", "closed"] = "closed"
 
 
+class AdminWrites(Struct):
+    """How admin key writes (create, update, rotate, revoke) are confirmed before they are answered:
+    on this many replicas of the store's primary (WAIT), so a failover cannot undo them."""
+
+    # "all": every replica connected to the primary at the write (none on a lone node: no wait).
+    replicas: Annotated[int, msgspec.Meta(ge=0)] | Literal["all"] = "all"
+    aof: bool = False  # WAITAOF: fsynced to the AOF of the primary and those replicas (Redis >= 7.2)
+    timeout_ms: PositiveInt = 1000  # the wait's bound; short of it the admin call answers 503
+
+
 class StoreConfig(Struct):
     url: str = "memory://"
     timeout_s: PositiveFloat = 1.0
     max_connections: PositiveInt = 50
     outage: OutagePolicy = OutagePolicy()
+    admin_writes: AdminWrites = AdminWrites()
 
 
 class Limits(Struct, omit_defaults=True):

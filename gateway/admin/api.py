@@ -171,18 +171,16 @@ class AdminAPI:
             enabled=spec.enabled,
             owner=spec.owner,
         )
-        propagation = await self.keys.save(record)
-        return JSONResponse(
-            {**record.public(), "secret": secret, "propagation": propagation}, status_code=201
-        )
+        written = await self.keys.save(record)
+        return JSONResponse({**record.public(), "secret": secret, **written}, status_code=201)
 
     async def update_key(self, request: Request) -> Response:
         record = self.record(request, writable=True)
         patch: KeyUpdate = await self.decode(request, KeyUpdate)
         changes = {f: getattr(patch, f) for f in patch.__struct_fields__ if getattr(patch, f) is not UNSET}
         record = msgspec.structs.replace(record, **changes)
-        propagation = await self.keys.save(record)
-        return JSONResponse({**record.public(), "propagation": propagation})
+        written = await self.keys.save(record)
+        return JSONResponse({**record.public(), **written})
 
     async def rotate_key(self, request: Request) -> Response:
         record = self.record(request, writable=True)
@@ -192,8 +190,8 @@ class AdminAPI:
         if spec.grace_s:
             grace = {"previous_digest": record.digest, "previous_valid_until": time.time() + spec.grace_s}
         record = msgspec.structs.replace(record, digest=digest, **grace)
-        propagation = await self.keys.save(record)
-        return JSONResponse({**record.public(), "secret": secret, "propagation": propagation})
+        written = await self.keys.save(record)
+        return JSONResponse({**record.public(), "secret": secret, **written})
 
     async def reset_breaker(self, request: Request) -> Response:
         deployment = request.path_params["name"]
@@ -236,5 +234,5 @@ class AdminAPI:
 
     async def revoke_key(self, request: Request) -> Response:
         record = self.record(request, writable=True)
-        propagation = await self.keys.remove(record.id)
-        return JSONResponse({"id": record.id, "revoked": True, "propagation": propagation})
+        written = await self.keys.remove(record.id)
+        return JSONResponse({"id": record.id, "revoked": True, **written})

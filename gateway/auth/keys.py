@@ -7,6 +7,12 @@ answers a lookup with no store round trip; a change is written to the store,
 then announced on a channel, and the admin call returns once every replica has
 applied it (each acknowledges), so the next request anywhere sees the change.
 
+A write is answered only once the store's replicas have it too (`store.admin_writes`: WAIT, or
+WAITAOF): Redis replicates asynchronously, so a write its primary acknowledged can be missing
+from the replica a failover promotes, and a revoked key would come back. When the replicas do not
+confirm it in time, the change still stands (on the primary and on every gateway replica) but
+the admin call answers 503 `write_not_confirmed`, saying so.
+
 Store schema (one hash slot, `{auth}`, so it is Redis Cluster-safe):
     gw:{auth}:keys           hash: key id -> KeyRecord JSON
     gw:{auth}:events         channel: "<nonce> <key id>" after each change
@@ -22,13 +28,13 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
 import msgspec
 
-from gateway.config import KeyConfig, Limits
-from gateway.errors import AuthenticationError
-from gateway.store import Store, StoreError, Subscription
+from gateway.config import AdminWrites, KeyConfig, Limits
+from gateway.errors import AuthenticationError, ServiceUnavailable
+from gateway.store import Confirmed, Store, StoreError, Subscription
 
 log = logging.getLogger("gateway.keys")
 
@@ -63,6 +69,21 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 NO_LIMITS = Limits()
+CONFIRM_DEFAULTS = AdminWrites()
+
+
+class WriteNotConfirmed(ServiceUnavailable):
+    """An admin write that stands on the store's primary, but that its replicas did not confirm in time."""
+
+    code = "write_not_confirmed"
+
+    @classmethod
+    def of(cls, key_id: str, confirmed: Confirmed) -> WriteNotConfirmed:
+        return cls(
+            f"The change to key '{key_id}' is applied (on the store's primary and on every gateway "
+            f"replica) but not confirmed: {confirmed.shortfall()}. A failover of the store's primary "
+            "now could undo it: check the key once the store is healthy and repeat the change if so."
+        )
 
 
 class Policy:
@@ -129,8 +150,16 @@ def new_secret() -> str:
 
 
 class KeyStore:
-    def __init__(self, store: Store, hash_secret: bytes, static: Sequence[KeyConfig], aliases: Iterable[str]):
+    def __init__(
+        self,
+        store: Store,
+        hash_secret: bytes,
+        static: Sequence[KeyConfig],
+        aliases: Iterable[str],
+        admin_writes: AdminWrites = CONFIRM_DEFAULTS,
+    ):
         self.store = store
+        self._admin_writes = admin_writes
         self._secret = hash_secret
         self._aliases = list(aliases)
         self._records: dict[str, KeyRecord] = {}
@@ -257,17 +286,44 @@ class KeyStore:
     def get(self, key_id: str) -> KeyRecord | None:
         return self._static.get(key_id) or self._records.get(key_id)
 
-    async def save(self, record: KeyRecord) -> dict[str, int]:
-        await self.store.hset(RECORDS, record.id, _encode(record))
+    async def save(self, record: KeyRecord) -> dict[str, dict[str, int]]:
+        """Store `record`, confirmed by the store's replicas, and apply it on every gateway replica.
+
+        Returns what the answer shows of both; a confirmation short of `store.admin_writes` raises
+        `WriteNotConfirmed` once the change is applied everywhere (it stands on the primary).
+        """
+        confirmed = await self._write(record.id, _encode(record))
         self._records[record.id] = record
         self._rebuild()
-        return await self._announce(record.id)
+        return await self._settle(record.id, confirmed)
 
-    async def remove(self, key_id: str) -> dict[str, int]:
-        await self.store.hdel(RECORDS, key_id)
+    async def remove(self, key_id: str) -> dict[str, dict[str, int]]:
+        """Delete a key, as `save` stores one."""
+        confirmed = await self._write(key_id, None)
         self._records.pop(key_id, None)
         self._rebuild()
-        return await self._announce(key_id)
+        return await self._settle(key_id, confirmed)
+
+    def _write(self, key_id: str, value: bytes | None) -> Awaitable[Confirmed]:
+        writes = self._admin_writes
+        return self.store.hset_confirmed(
+            RECORDS,
+            key_id,
+            value,
+            replicas=None if writes.replicas == "all" else writes.replicas,
+            aof=writes.aof,
+            timeout_s=writes.timeout_ms / 1000,
+        )
+
+    async def _settle(self, key_id: str, confirmed: Confirmed) -> dict[str, dict[str, int]]:
+        propagation = await self._announce(key_id)
+        if confirmed.shortfall():
+            log.warning("keys: change to %s not confirmed by the store: %s", key_id, confirmed.shortfall())
+            raise WriteNotConfirmed.of(key_id, confirmed)
+        return {
+            "propagation": propagation,
+            "durability": {"store_replicas": confirmed.wanted, "confirmed": confirmed.replicas},
+        }
 
     def mint(self) -> tuple[str, str]:
         """A new secret and its digest (hex)."""

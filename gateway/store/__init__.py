@@ -13,6 +13,7 @@ import re
 
 from gateway.store.base import (
     Call,
+    Confirmed,
     LocalOps,
     Script,
     ScriptArg,
@@ -27,6 +28,7 @@ from gateway.store.redis import RedisStore
 
 __all__ = [
     "Call",
+    "Confirmed",
     "LocalOps",
     "MemoryStore",
     "RedisStore",

@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from importlib import resources
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 ScriptArg = str | int | float | bytes
 
@@ -133,6 +133,27 @@ class StoreStats:
         self.errors += failed
 
 
+class Confirmed(NamedTuple):
+    """What `Store.hset_confirmed` got acknowledged (Redis: WAIT, or WAITAOF with `aof`)."""
+
+    wanted: int  # replicas asked to acknowledge the write
+    replicas: int  # of them, those that did in time (with `aof`: that wrote it to their AOF)
+    aof: bool = False  # asked that the primary's AOF hold the write too
+    on_disk: bool = False  # with `aof`: the primary fsynced it to its AOF
+    refused: str = ""  # the wait command's error reply (WAITAOF before Redis 7.2, or without appendonly)
+
+    def shortfall(self) -> str:
+        """What is missing, in words ("" when the write is confirmed as asked)."""
+        if self.refused:
+            return f"the store refused to confirm it: {self.refused}"
+        missing = []
+        if self.replicas < self.wanted:
+            missing.append(f"confirmed by {self.replicas} of {self.wanted} store replicas")
+        if self.aof and not self.on_disk:
+            missing.append("not yet in the primary's append-only file")
+        return ", ".join(missing)
+
+
 class Subscription(ABC):
     """A live subscription returned by `Store.subscribe`."""
 
@@ -209,6 +230,20 @@ class Store(ABC):
     @abstractmethod
     async def hgetall(self, key: str) -> dict[str, bytes]:
         """Every field of the hash at `key` ({} when missing)."""
+
+    @abstractmethod
+    async def hset_confirmed(
+        self, key: str, field: str, value: bytes | None, *, replicas: int | None, aof: bool, timeout_s: float
+    ) -> Confirmed:
+        """Set `field` of the hash at `key` to `value` (None: remove it), then wait, at most `timeout_s`,
+        until that many replicas of the primary that took the write acknowledge it.
+
+        For the writes a failover must not undo (admin keys). `replicas` None: every replica connected
+        to that primary at the write (none on a lone node: no wait); 0: none. With `aof` the primary
+        and those replicas must have fsynced it to their append-only files too. A shortfall is no
+        error, the write stands on the primary: the result says what was confirmed. The memory store
+        has no replicas and no failover, so it confirms at once.
+        """
 
     @abstractmethod
     async def hincrby(self, key: str, amounts: dict[str, int], *, ttl_s: float) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from gateway.store.base import (
     INCR_WITH_TTL,
     Call,
+    Confirmed,
     Script,
     ScriptArg,
     Store,
@@ -249,6 +250,16 @@ class MemoryStore(Store):
         if not hash_:
             self._keys.delete(key)  # as Redis: an emptied hash is no key at all
         return True
+
+    async def hset_confirmed(
+        self, key: str, field: str, value: bytes | None, *, replicas: int | None, aof: bool, timeout_s: float
+    ) -> Confirmed:
+        # One process, no replicas and no failover: nothing to wait for, so nothing is short.
+        if value is None:
+            await self.hdel(key, field)
+        else:
+            await self.hset(key, field, value)
+        return Confirmed(wanted=0, replicas=0)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         self._keys.sweep()

@@ -42,6 +42,7 @@ from redis.exceptions import NoScriptError, RedisError
 from gateway.store.base import (
     INCR_WITH_TTL,
     Call,
+    Confirmed,
     Script,
     ScriptArg,
     Store,
@@ -51,6 +52,7 @@ from gateway.store.base import (
     ttl_ms,
 )
 from gateway.store.cluster import ClusterClient
+from gateway.store.confirm import own_connection, write_confirmed
 from gateway.store.connect import BlockingReads, ClusterClients, lean_for, pool_for, sentinels_for, tls_for
 from gateway.store.pubsub import PubSubHub
 from gateway.store.resp import ReplyError, RespClient, encode
@@ -282,6 +284,26 @@ class RedisStore(Store):
                 await pipe.execute()
         except _DRIVER_ERRORS as exc:
             raise self._error("HINCRBY", exc) from exc
+
+    async def hset_confirmed(
+        self, key: str, field: str, value: bytes | None, *, replicas: int | None, aof: bool, timeout_s: float
+    ) -> Confirmed:
+        """See confirm.py: the write and its WAIT on a connection of their own, never retried."""
+        write: tuple[ScriptArg, ...] = (
+            ("HSET", key, field, value) if value is not None else ("HDEL", key, field)
+        )
+        try:
+            async with own_connection(self._client, key) as connection:
+                return await write_confirmed(
+                    connection,
+                    write,
+                    replicas=replicas,
+                    aof=aof,
+                    timeout_s=timeout_s,
+                    reply_timeout_s=self._timeout_s,
+                )
+        except (StoreError, *_DRIVER_ERRORS, TimeoutError) as exc:
+            raise self._error("HSET" if value is not None else "HDEL", exc) from exc
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         try:

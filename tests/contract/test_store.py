@@ -537,6 +537,7 @@ class TestMemoryStore:
 def test_public_surface() -> None:
     assert set(gateway.store.__all__) == {
         "Call",
+        "Confirmed",
         "LocalOps",
         "MemoryStore",
         "RedisStore",

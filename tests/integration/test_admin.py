@@ -39,6 +39,7 @@ async def test_created_key_works_once_and_secret_is_shown_once(gw: Any, admin: C
     secret = made["secret"]
     assert secret.startswith("sk-gw-") and len(secret) >= 6 + 43  # 256 bits, base64url
     assert made["propagation"] == {"replicas": 1, "applied": 1}
+    assert made["durability"] == {"store_replicas": 0, "confirmed": 0}  # the memory store has no replicas
     async with Client(gw, secret) as c:
         assert (await c.chat()).status_code == 200
         assert (await c.chat(model="emb")).status_code == 403

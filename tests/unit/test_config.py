@@ -106,6 +106,30 @@ def test_bad_values_name_the_path(old: str, new: str, path: str) -> None:
     assert problem.startswith(path + ": ")
 
 
+def test_admin_writes_wait_for_every_connected_replica_by_default() -> None:
+    writes = parse("{}", {}).store.admin_writes
+    assert (writes.replicas, writes.aof, writes.timeout_ms) == ("all", False, 1000)
+    text = BASE.replace('url: "memory://"}', 'url: "memory://", admin_writes: {replicas: "${N}", aof: true}}')
+    writes = parse(text, {**ENV, "N": "2"}).store.admin_writes
+    assert (writes.replicas, writes.aof) == (2, True)
+    assert parse(text, {**ENV, "N": "0"}).store.admin_writes.replicas == 0  # no wait
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("replicas: some", "replicas"),
+        ("replicas: -1", "replicas"),
+        ("timeout_ms: 0", "timeout_ms"),
+        ("aof: 2", "aof"),
+    ],
+)
+def test_bad_admin_writes_name_the_path(setting: str, field: str) -> None:
+    text = BASE.replace('url: "memory://"}', f'url: "memory://", admin_writes: {{{setting}}}}}')
+    (problem,) = problems(text)
+    assert problem.startswith(f"store.admin_writes.{field}: ")
+
+
 def test_env_values_are_converted_to_field_types() -> None:
     config = parse(BASE.replace("port: 8080", "port: '${PORT}'"), {**ENV, "PORT": "9001"})
     assert config.server.port == 9001
