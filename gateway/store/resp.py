@@ -3,10 +3,12 @@
 redis.asyncio costs ~0.15-0.2 ms of CPU per command (pool checkout, command
 packing, response callbacks); the gateway makes one store call per request, so
 that alone would take half its CPU budget. This client does the minimum: a
-command is encoded straight to bytes and written at once on one persistent
-connection (an `asyncio.Protocol`), and `hiredis.Reader` parses replies. Every
-write appends a future to a FIFO and replies resolve them in order, so
-concurrent callers pipeline on the socket without waiting for each other.
+command is encoded straight to bytes and written on one persistent connection
+(an `asyncio.Protocol`) at the end of the event loop's turn, together with the
+other calls of that turn (one write, and one read for Redis, for many requests),
+and `hiredis.Reader` parses replies. Every call appends a future to a FIFO and
+replies resolve them in order, so concurrent callers pipeline on the socket
+without waiting for each other.
 
 Error replies come back as `hiredis.ReplyError` values, not exceptions: the
 caller decides (the store reloads a script on NOSCRIPT). A failure of the
@@ -88,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self._replies = 0
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []  # written at the end of this loop turn, in one write
         self.lost = False
         self._retired = False
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -101,10 +104,19 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         future = self._loop.create_future()
         self._pending.append((future, count, self._loop.time() + self._timeout_s, self._replies))
-        self._transport.write(payload)
+        self._out.append(payload)
+        if len(self._out) == 1:
+            self._loop.call_soon(self._flush)
         if self._timer is None:
             self._timer = self._loop.call_later(self._timeout_s, self._watch)
         return future
+
+    def _flush(self) -> None:
+        """Write what this loop turn's calls asked for: one syscall for many requests' commands
+        (and one read for Redis), where a write each cost more CPU than the rest of the call."""
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():  # else failed already
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -154,7 +166,7 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         pending, self._pending = self._pending, deque()
-        self._partial = []
+        self._partial, self._out = [], []
         for future, _, _, replies_before in pending:
             if not future.done():
                 nothing_back = retry and replies_before == self._replies
