@@ -59,7 +59,7 @@ async def admitted_times(arrivals: list[float]) -> list[float]:
     admitted = []
     for t in arrivals:
         now[0] = t
-        if int((await store.run(ADMIT, [spec.tag], ["", 0, *spec.args(1)]))[0]):
+        if int((await store.run(ADMIT, [spec.name], ["", 0, *spec.args(1)]))[0]):
             admitted.append(t)
     return admitted
 

@@ -76,6 +76,7 @@ def _merged(batch: Iterable[dict[str, list[str | int | bytes]]]) -> list[Call]:
     calls: list[Call] = []
     for tag, released in releases.items():
         args = released + [x for counter, delta in deltas[tag].items() if delta for x in (*counter, delta)]
-        if args:
-            calls.append((SETTLE, [tag], args))
+        if args:  # every key it touches declared, as Redis Cluster requires of a script
+            keys = list(dict.fromkeys(str(args[i]) for i in range(1, len(args), 4)))
+            calls.append((SETTLE, keys, args))
     return calls

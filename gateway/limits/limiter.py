@@ -247,7 +247,7 @@ class Limiter:
         args: list[str | int | bytes] = [admission.member if report else "", 1 if report else 0]
         for spec in specs:
             args += spec.args(self._amount(spec, admission))
-        return ADMIT, [specs[0].tag], args
+        return ADMIT, [spec.name for spec in specs], args
 
     def _paid(self, route: Route, reply: Any, admission: Admission) -> tuple[Spec, int, bool] | None:
         """None when ADMIT charged `route`'s quota (recorded in `admission`), else its refusal."""

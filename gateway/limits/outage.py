@@ -80,7 +80,7 @@ class Ledger:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, int]] = {}  # budget name -> (store ms, spent) at its last answer
-        self._owed: dict[str, list[int]] = {}  # counter (name:window number) -> [nano-USD, expiry ms]
+        self._owed: dict[tuple[str, int], list[int]] = {}  # (budget, window number) -> [nano-USD, expiry ms]
 
     def __bool__(self) -> bool:
         return bool(self._owed)
@@ -102,7 +102,7 @@ class Ledger:
             if spec.counts != COST:
                 continue
             number, reset, ttl = calendar(spec.window_ms, now)
-            counter = f"{spec.name}:{number}"
+            counter = (spec.name, number)
             seen = self._seen.get(spec.name)
             spent = seen[1] if seen is not None and counter_of(spec, seen[0]) == counter else 0
             owed = self._owed.get(counter)
@@ -122,16 +122,18 @@ class Ledger:
         """RECONCILE calls, one per budget's tag, for everything owed, now forgotten here (`restore`
         the arguments of any that fails)."""
         now = int(time.time() * 1000)
-        by_tag: dict[str, list[str | int | bytes]] = {}
-        for counter, (amount, expiry) in self._owed.items():
+        by_tag: dict[str, tuple[list[str], list[str | int | bytes]]] = {}
+        for (name, number), (amount, expiry) in self._owed.items():
             if expiry > now and amount:  # a window already over: its counter is gone, nothing to add
-                by_tag.setdefault(tag_of(counter), []).extend((counter, amount, expiry - now))
+                keys, args = by_tag.setdefault(tag_of(name), ([], []))
+                keys.append(name)
+                args.extend((name, number, amount, expiry - now))
         self._owed.clear()
-        return [(RECONCILE, [tag], args) for tag, args in by_tag.items()]
+        return [(RECONCILE, list(dict.fromkeys(keys)), args) for keys, args in by_tag.values()]
 
     def restore(self, args: Sequence[str | int | bytes | float]) -> None:
         """Owe again what a call of `take` handed out: the store did not take it."""
         now = int(time.time() * 1000)
-        for i in range(0, len(args), 3):
-            counter, amount, ttl = str(args[i]), int(args[i + 1]), int(args[i + 2])
+        for i in range(0, len(args), 4):
+            counter, amount, ttl = (str(args[i]), int(args[i + 1])), int(args[i + 2]), int(args[i + 3])
             self._owed.setdefault(counter, [0, now + ttl])[0] += amount

@@ -109,7 +109,7 @@ def tag_of(name: str) -> str:
 
 @functools.lru_cache(maxsize=8192)
 def pack(spec: Spec) -> bytes:
-    return b"%s|%d|%d|%d|%s" % (spec.kind, spec.limit, spec.window_ms, spec.bucket_ms, spec.name.encode())
+    return b"%s|%d|%d|%d" % (spec.kind, spec.limit, spec.window_ms, spec.bucket_ms)
 
 
 def specs_of(limits: Limits, name: str, scope: str, lease_ms: int) -> tuple[Spec, ...]:
@@ -145,24 +145,24 @@ def calendar(window: int, now: int) -> tuple[int, int, int]:
     return now // window, window - now % window, 2 * window
 
 
-def counter_of(spec: Spec, now: int) -> str:
-    """The name of the calendar counter `spec` charged at `now` (its day or month)."""
-    return f"{spec.name}:{calendar(spec.window_ms, now)[0]}"
+def counter_of(spec: Spec, now: int) -> tuple[str, int]:
+    """The calendar hash `spec` charged at `now` and the window (day or month number) it counted."""
+    return spec.name, calendar(spec.window_ms, now)[0]
 
 
 def correction(spec: Spec, now: int, delta: int) -> tuple[bytes, str, str, int]:
     """SETTLE's arguments adding `delta` to what `spec` charged at `now` (its bucket or window)."""
     if spec.kind == SLIDING:
         return HASH, spec.name, str(now // spec.bucket_ms), delta
-    return CORRECT, counter_of(spec, now), "", delta
+    return CORRECT, spec.name, str(calendar(spec.window_ms, now)[0]), delta
 
 
 class _State:
     """One limit's reading in ADMIT (the Lua's table `s`)."""
 
     __slots__ = (
-        "buckets", "cost", "current", "dirty", "first", "fits", "hash", "key", "kind", "limit", "number",
-        "oldest", "reset", "ttl", "used", "wait", "window",
+        "cost", "current", "dirty", "first", "fits", "hash", "key", "kind", "limit", "number", "oldest",
+        "reset", "ttl", "used", "wait", "window",
     )  # fmt: skip
 
     def __init__(self, kind: bytes, limit: int, cost: int, key: str) -> None:
@@ -172,31 +172,35 @@ class _State:
         self.oldest: int | None = None
         self.reset = self.window = self.number = self.current = 0
         self.dirty = False
-        self.hash: dict[str, Any] = {}
-        self.buckets: dict[str, list[int]] = {}
+        self.hash: dict[str, bytes] = {}
+
+
+def _bucket(s: _State, b: int) -> tuple[int, int]:
+    """Usage and last charge of bucket b."""
+    return int(s.hash.get(str(b), b"0")), int(s.hash.get(f"l{b}", b"0"))
 
 
 def _slide(ops: LocalOps, s: _State, now: int, span: int) -> None:
-    """A sliding limit's hash (here one JSON value): t, o, and per bucket [usage, last charge]. A
-    bucket's usage counts until a window after its last charge: only one a span behind can have left."""
-    s.hash = orjson.loads(ops.get(s.key) or b'{"t": 0, "o": null, "b": {}}')
-    s.buckets = s.hash["b"]
-    s.used, s.oldest = s.hash["t"], s.hash["o"]
-    s.current = s.buckets.get(str(s.number), (0, 0))[0]
+    """See admit.lua: t (usage counted), o (oldest bucket with usage), <b> and l<b> per bucket."""
+    s.hash = ops.hash(s.key) or {}  # the stored hash: what is dropped here is gone, as HDEL in Lua
+    s.used = int(s.hash.get("t", b"0"))
+    s.oldest = int(s.hash["o"]) if "o" in s.hash else None
+    s.current = _bucket(s, s.number)[0]
     while s.oldest is not None and s.oldest <= s.number - span:
-        count, last = s.buckets.get(str(s.oldest), (0, 0))
+        count, last = _bucket(s, s.oldest)
         if last + s.window > now:
             s.first = (count, last)
             return
         s.used, s.dirty = s.used - count, True
-        s.buckets.pop(str(s.oldest), None)
-        s.oldest = next((b for b in range(s.oldest + 1, s.number + 1) if str(b) in s.buckets), None)
+        s.hash.pop(str(s.oldest), None)
+        s.hash.pop(f"l{s.oldest}", None)
+        s.oldest = next((b for b in range(s.oldest + 1, s.number + 1) if str(b) in s.hash), None)
 
 
-def _read(ops: LocalOps, args: list[bytes], i: int, now: int) -> _State:
-    kind, *numbers, packed_name = args[i].split(b"|", 4)
+def _read(ops: LocalOps, keys: list[str], args: list[bytes], j: int, now: int) -> _State:
+    kind, *numbers = args[2 * j + 2].split(b"|")
     limit, window, bucket = map(int, numbers)
-    s = _State(kind, limit, int(args[i + 1]), packed_name.decode())
+    s = _State(kind, limit, int(args[2 * j + 3]), keys[j])
     if kind == LEASE:
         leases = {m: e for m, e in orjson.loads(ops.get(s.key) or b"{}").items() if e > now}
         ops.set(s.key, orjson.dumps(leases), window / 1000) if leases else ops.delete(s.key)
@@ -205,9 +209,9 @@ def _read(ops: LocalOps, args: list[bytes], i: int, now: int) -> _State:
         s.window, s.ttl, s.number = window, window + 2 * bucket, now // bucket
         _slide(ops, s, now, window // bucket)
     else:
-        number, s.reset, s.ttl = calendar(window, now)
-        s.key = f"{s.key}:{number}"
-        s.used = int(ops.get(s.key) or b"0")
+        s.number, s.reset, s.ttl = calendar(window, now)
+        s.hash = ops.hash(s.key) or {}
+        s.used = int(s.hash.get("v", b"0")) if s.hash.get("n") == b"%d" % s.number else 0
     s.fits = s.used + s.cost <= s.limit
     return s
 
@@ -224,7 +228,7 @@ def _reset(s: _State, now: int, charged: bool) -> int:
     assert s.oldest is not None  # usage counted: some bucket holds it
     freed = 0
     for b in range(s.oldest, s.number + 1):
-        count, last = s.first if b == s.oldest and s.first else s.buckets.get(str(b), (0, 0))
+        count, last = s.first if b == s.oldest and s.first else _bucket(s, b)
         freed += count
         if count > 0 and freed >= need:
             return last + s.window - now
@@ -242,7 +246,7 @@ def later(never_a: bool, wait_a: int, never_b: bool, wait_b: int) -> bool:
 def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]:
     now = int(ops.time() * 1000)
     member, report = args[0].decode(), args[1] == b"1"
-    states = [_read(ops, args, i, now) for i in range(2, len(args), 2)]
+    states = [_read(ops, keys, args, j, now) for j in range(len(keys))]
     # A refusal reports the limit that frees last: a retry at its reset is let in by every one.
     refused = 0
     for i, s in enumerate(states, 1):
@@ -256,16 +260,22 @@ def _admit_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> list[int]
             leases[member] = now + s.ttl
             ops.set(s.key, orjson.dumps(leases), s.ttl / 1000)
         elif not refused and s.cost and s.kind == SLIDING:
-            s.buckets[str(s.number)] = [s.current + s.cost, now]
-            s.hash["t"], s.hash["o"] = s.used + s.cost, s.number if s.oldest is None else s.oldest
-            ops.set(s.key, orjson.dumps(s.hash), s.ttl / 1000)
+            stored = ops.hash(s.key, create=True)  # s.hash itself when it existed
+            assert stored is not None
+            oldest = s.number if s.oldest is None else s.oldest
+            stored["t"], stored["o"] = b"%d" % (s.used + s.cost), b"%d" % oldest
+            stored[str(s.number)], stored[f"l{s.number}"] = b"%d" % (s.current + s.cost), b"%d" % now
+            ops.expire(s.key, s.ttl / 1000)
         elif not refused and s.cost:
-            ops.incr(s.key, s.cost)
+            stored = ops.hash(s.key, create=True)
+            assert stored is not None
+            stored.update({"n": b"%d" % s.number, "v": b"%d" % (s.used + s.cost)})
             ops.pexpireat(s.key, now + s.ttl)
         elif s.dirty:  # buckets that left, dropped: the total and the oldest follow
-            s.hash["t"], s.hash["o"] = s.used, s.oldest
-            ttl = ops.ttl(s.key)
-            ops.set(s.key, orjson.dumps(s.hash), ttl) if s.oldest is not None and ttl else ops.delete(s.key)
+            if s.oldest is None:
+                ops.delete(s.key)
+            else:
+                s.hash.update({"t": b"%d" % s.used, "o": b"%d" % s.oldest})
     out = [0 if refused else 1, refused, states[refused - 1].wait if refused else 0, now]
     if report:
         for s in states:
@@ -279,9 +289,9 @@ def _never_wait(s: _State) -> tuple[bool, int]:
     return s.cost > s.limit, s.wait
 
 
-# KEYS[1]: the tag of the limits' scope (a key's or a deployment's; it only routes the call).
-# ARGV: lease member, 1 to report every limit's state (a key's: its x-ratelimit-* headers) else
-# 0, then per limit: "kind|limit|window ms|bucket ms|name", cost. All are charged, or none.
+# KEYS: the limits of one scope (a key's, or a deployment's: one hash tag). ARGV: lease member, 1
+# to report every limit's state (a key's: its x-ratelimit-* headers) else 0, then per key:
+# "kind|limit|window ms|bucket ms", cost. All are charged, or none.
 # Reply: [admitted, 1-based index of the refusing limit or 0, its ms to reset, now ms,
 #         then when reported, per limit: remaining, ms to reset]
 ADMIT = Script("gateway.rate_admit", lua_source("gateway.limits", "admit.lua"), _admit_local)
@@ -298,37 +308,43 @@ def _settle_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
             if leases.pop(value.decode(), None) is not None:
                 ttl = ops.ttl(key)
                 ops.set(key, orjson.dumps(leases), ttl) if leases and ttl else ops.delete(key)
-        elif op == CORRECT:
-            if ops.get(key) is not None and (total := ops.incr(key, int(value))) < 0:
-                ops.incr(key, -total)  # back to 0, its expiry (the last charge's record) kept
-        elif (raw := ops.get(key)) is not None and field in (state := orjson.loads(raw))["b"]:
-            count = state["b"][field][0]
+            continue
+        stored = ops.hash(key)
+        if stored is None:
+            continue
+        if op == CORRECT:
+            if stored.get("n") == field.encode():
+                stored["v"] = b"%d" % max(0, int(stored["v"]) + int(value))
+        elif field in stored:
+            count = int(stored[field])
             corrected = max(0, count + int(value))
-            state["b"][field][0], state["t"] = corrected, max(0, state["t"] + corrected - count)
-            ops.set(key, orjson.dumps(state), ops.ttl(key))
+            stored[field] = b"%d" % corrected
+            stored["t"] = b"%d" % max(0, int(stored.get("t", b"0")) + corrected - count)
     return 1
 
 
-# KEYS[1]: the tag of the counters (one scope's). ARGV: quadruples, of one or many requests:
-# (RELEASE, lease name, "", request id); (CORRECT, calendar counter with its window number, "",
-# delta); (HASH, sliding limit, bucket number, delta). What has expired is left alone; nothing
-# goes below zero.
+# KEYS: every key of ARGV (one hash tag). ARGV: quadruples, of one or many requests: (RELEASE,
+# lease, "", request id); (CORRECT, calendar hash, window number, delta); (HASH, sliding hash,
+# bucket number, delta). What has expired is left alone; nothing goes below zero.
 SETTLE = Script("gateway.rate_settle", lua_source("gateway.limits", "settle.lua"), _settle_local)
 
 
 def _reconcile_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> int:
-    for i in range(0, len(args), 3):
-        key = args[i].decode()
-        value = ops.incr(key, int(args[i + 1]))
-        if ops.ttl(key) is None:
-            ops.expire(key, int(args[i + 2]) / 1000)
-        if value < 0:
-            ops.incr(key, -value)
+    for i in range(0, len(args), 4):
+        key, number, amount = args[i].decode(), int(args[i + 1]), int(args[i + 2])
+        stored = ops.hash(key, create=True)
+        assert stored is not None
+        counted = int(stored["n"]) if "n" in stored else None
+        if counted == number:
+            stored["v"] = b"%d" % max(0, int(stored["v"]) + amount)
+        elif counted is None or counted < number:
+            stored.update({"n": b"%d" % number, "v": b"%d" % max(0, amount)})
+            ops.expire(key, int(args[i + 3]) / 1000)
     return 1
 
 
-# KEYS[1]: the tag of the counters. ARGV: triples (budget counter name with its window number,
-# nano-USD, ms the counter lives should this create it): spend admitted while the store was unreachable.
+# KEYS: the budgets' calendar hashes (one hash tag). ARGV: quadruples (hash, window number,
+# nano-USD, ms the hash lives should this make it): spend admitted while the store was unreachable.
 RECONCILE = Script("gateway.rate_reconcile", lua_source("gateway.limits", "reconcile.lua"), _reconcile_local)
 
 

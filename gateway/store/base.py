@@ -35,8 +35,8 @@ class StoreError(Exception):
 class LocalOps(Protocol):
     """What a `Script.local` function may use: the memory store's keyspace, synchronously.
 
-    The twin Lua script uses the matching Redis commands (GET, SET PX, INCRBY,
-    PEXPIRE, PEXPIREAT, PTTL, DEL, TIME). An operation on a value of the wrong kind raises
+    The twin Lua script uses the matching Redis commands (GET, SET PX, INCRBY, PEXPIRE,
+    PEXPIREAT, PTTL, DEL, TIME; HMGET, HSET, HDEL on hashes). An operation on a value of the wrong kind raises
     `StoreError`, as Redis aborts the script with an error reply.
     """
 
@@ -71,6 +71,11 @@ class LocalOps(Protocol):
         ...
 
     def delete(self, key: str) -> bool: ...
+
+    def hash(self, key: str, *, create: bool = False) -> dict[str, bytes] | None:
+        """The hash at `key`, itself (changes to it are the store's), made empty when missing and
+        `create`; None when missing. The Lua twin uses HMGET, HSET, HDEL."""
+        ...
 
 
 class Script:

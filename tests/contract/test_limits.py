@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import orjson
 import pytest
 
 from gateway.limits.specs import (
@@ -41,16 +40,15 @@ def limit(
 ) -> list[Any]:
     if bucket is None:
         bucket = window // 20 if kind == SLIDING else 0
-    return [b"%s|%d|%d|%d|%s" % (kind, cap, window, bucket, name.encode()), cost]
+    return [name, b"%s|%d|%d|%d" % (kind, cap, window, bucket), cost]
 
 
 async def admit(store: Store, *limits: list[Any], report: bool = True, member: str = "") -> list[int]:
-    """ADMIT on `limits`, which share the tag of the first's name."""
+    """ADMIT on `limits`, which share a hash tag: their names are its KEYS."""
     args: list[Any] = [member, int(report)]  # then 2 fields per limit
-    for spec in limits:
-        args += spec
-    tag = limits[0][0].split(b"|")[4].decode()
-    return [int(x) for x in await store.run(ADMIT, [tag[: tag.index("}") + 1]], args)]
+    for _, packed, cost in limits:
+        args += [packed, cost]
+    return [int(x) for x in await store.run(ADMIT, [name for name, _, _ in limits], args)]
 
 
 @all_stores
@@ -92,9 +90,9 @@ class TestAdmission:
     async def test_settle_corrects_never_below_zero_and_skips_gone_windows(self, store: Store) -> None:
         reply = await admit(store, limit(f"{KEY}:tpm", 100, 90))
         bucket = reply[3] // (MINUTE_MS // 20)
-        await store.run(SETTLE, [KEY], ["h", f"{KEY}:tpm", bucket, -60])
+        await store.run(SETTLE, [f"{KEY}:tpm"], ["h", f"{KEY}:tpm", bucket, -60])
         assert (await admit(store, limit(f"{KEY}:tpm", 100, 0)))[4] == 70
-        await store.run(SETTLE, [KEY], ["h", f"{KEY}:tpm", bucket, -500, "h", f"{KEY}:tpm", bucket - 5, 7])
+        await store.run(SETTLE, [f"{KEY}:tpm"], ["h", f"{KEY}:tpm", bucket, -500, "h", f"{KEY}:tpm", bucket - 5, 7])
         assert (await admit(store, limit(f"{KEY}:tpm", 100, 100)))[0] == 1  # bucket - 5 not made by a correction
 
 
@@ -112,7 +110,7 @@ class TestDeploymentsAndLeases:
     async def test_concurrency_lease_caps_releases_and_expires(self, store: Store) -> None:
         cap = limit(f"{KEY}:conc", 2, kind=LEASE, window=400)
         assert [(await admit(store, cap, member=m))[0] for m in ("r1", "r2", "r3")] == [1, 1, 0]
-        await store.run(SETTLE, [KEY], ["r", f"{KEY}:conc", "", "r1", "r", f"{KEY}:conc", "", "unknown"])
+        await store.run(SETTLE, [f"{KEY}:conc"], ["r", f"{KEY}:conc", "", "r1", "r", f"{KEY}:conc", "", "unknown"])
         assert (await admit(store, cap, member="r4"))[0] == 1
         await anyio.sleep(0.5)  # r2 and r4 die with their replica: their leases expire
         assert [(await admit(store, cap, member=m))[0] for m in ("r5", "r6", "r7")] == [1, 1, 0]
@@ -123,21 +121,22 @@ class TestDeploymentsAndLeases:
         number, reset = month_number(first[3])
         assert first[0] == 1 and first[4:] == [400_000, reset]
         assert (await admit(store, budget))[0] == 0
-        await store.run(SETTLE, [KEY], ["c", f"{KEY}:usd:{number}", "", -500_000])  # it cost less
+        await store.run(SETTLE, [f"{KEY}:usd"], ["c", f"{KEY}:usd", number, -500_000])  # it cost less
         assert (await admit(store, budget))[0] == 1
 
     async def test_reconcile_adds_outage_spend_remaking_a_lost_counter(self, store: Store) -> None:
         budget = limit(f"{KEY}:usd", 1_000_000, 100_000, kind=CALENDAR, window=MONTH)
         number, reset = month_number((await admit(store, budget))[3])
-        kept, lost, low = f"{KEY}:usd:{number}", f"{KEY}:m:x:usd:{number}", f"{KEY}:usd:1"
-        await store.run(RECONCILE, [KEY], [kept, 250_000, 300, lost, 70_000, 300, low, -9, 300])
-        assert await store.get(kept) == b"350000"
-        assert await store.get(lost) == b"70000"  # made again, expiring with the ttl given
-        assert await store.get(low) == b"0"  # never below zero
+        kept, lost, low = f"{KEY}:usd", f"{KEY}:m:x:usd", f"{KEY}:m:y:usd"
+        spend = [kept, number, 250_000, 300, lost, number, 70_000, 300, low, number, -9, 300]
+        await store.run(RECONCILE, [kept, lost, low], [*spend, kept, number - 1, 5, 300])  # last month: over
+        assert await store.hget(kept, "v") == b"350000"
+        assert await store.hget(lost, "v") == b"70000"  # made again, expiring with the ttl given
+        assert await store.hget(low, "v") == b"0"  # never below zero
         reply = await admit(store, budget)
         assert reply[4] == 1_000_000 - 350_000 - 100_000 and reply[5] == pytest.approx(reset, abs=5_000)
         await anyio.sleep(0.4)
-        assert await store.get(lost) is None and await store.get(kept) is not None
+        assert await store.hget(lost, "v") is None and await store.hget(kept, "v") is not None
 
     async def test_calendar_day(self, store: Store) -> None:
         reply = await admit(store, limit(f"{KEY}:usd", 10, 3, kind=CALENDAR, window=DAY_MS))
@@ -146,10 +145,13 @@ class TestDeploymentsAndLeases:
 
 def _put_local(ops: LocalOps, keys: list[str], args: list[bytes]) -> None:
     charges = [(int(args[i]), int(args[i + 1])) for i in range(0, len(args), 2)]
-    buckets = {str(last // BUCKET): [amount, last] for last, amount in charges}
-    state = {"t": sum(a for _, a in charges), "o": min(last // BUCKET for last, _ in charges), "b": buckets}
-    ops.set(keys[0], orjson.dumps(state))
-    ops.pexpireat(keys[0], max(last for last, _ in charges) + TTL)
+    stored = ops.hash(keys[0], create=True)
+    assert stored is not None
+    for at, amount in charges:
+        stored[str(at // BUCKET)], stored[f"l{at // BUCKET}"] = b"%d" % amount, b"%d" % at
+    stored["t"] = b"%d" % sum(amount for _, amount in charges)
+    stored["o"] = b"%d" % min(at // BUCKET for at, _ in charges)
+    ops.pexpireat(keys[0], max(at for at, _ in charges) + TTL)
 
 
 # A sliding limit's hash as ADMIT leaves it: KEYS[1] the limit, ARGV pairs (last charge ms, amount),

@@ -73,7 +73,7 @@ async def test_limit_counters_spread_over_the_primaries(cluster_setup: ClusterSe
         args: list[ScriptArg] = ["member", 1]
         for spec in specs:
             args += spec.args(1)
-        calls.append((ADMIT, [specs[0].tag], args))
+        calls.append((ADMIT, [spec.name for spec in specs], args))
     async with store_from_url(cluster_setup.url) as store:
         replies = await store.run_many(calls)
     assert [int(reply[0]) for reply in replies] == [1] * len(calls)

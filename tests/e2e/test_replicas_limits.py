@@ -241,10 +241,10 @@ def test_budgets_while_redis_is_down_then_restarted(
     second = chat(b)  # writes b's: together they are over the budget
     assert second.status_code == 429 and second.json()["error"]["type"] == "insufficient_quota"
     expected = sum(owed.values()) + (cost(first) if first.status_code == 200 else 0)
-    key = f"{key_base('cfg-team-a')}:usd:{month_number(int(time.time() * 1000))[0]}"
+    key, month = f"{key_base('cfg-team-a')}:usd", str(month_number(int(time.time() * 1000))[0]).encode()
     with redis.Redis.from_url(server.url) as client:
         deadline = time.monotonic() + 5
-        while int(client.get(key) or 0) != expected and time.monotonic() < deadline:
+        while int(client.hget(key, "v") or 0) != expected and time.monotonic() < deadline:
             time.sleep(0.05)  # the first answer's real cost is settled just after it went out
-        assert int(client.get(key) or 0) == expected
+        assert client.hget(key, "n") == month and int(client.hget(key, "v") or 0) == expected
     assert [to_reconcile(a), to_reconcile(b)] == [0, 0]

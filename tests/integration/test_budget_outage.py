@@ -59,7 +59,9 @@ def cost(response: Any) -> int:
 
 
 async def spent(app: Any) -> int:
-    return int(await app.store.get(f"{key_base('cfg-team-a')}:usd:{month_number(int(time.time() * 1000))[0]}"))
+    stored = await app.store.hgetall(f"{key_base('cfg-team-a')}:usd")  # the month counted, and its spend
+    assert int(stored["n"]) == month_number(int(time.time() * 1000))[0]
+    return int(stored["v"])
 
 
 async def test_closed_refuses_keys_with_a_budget_and_serves_the_others(

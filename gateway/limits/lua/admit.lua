@@ -44,9 +44,10 @@ local function slide(s, number, span)
   end
 end
 local states = {}
-for i = 3, #ARGV, 2 do
-  local kind, limit, window, bucket, name = string.match(ARGV[i], '^(%a)|(%d+)|(%d+)|(%d+)|(.*)$')
-  local s = {kind = kind, limit = tonumber(limit), cost = tonumber(ARGV[i + 1]), key = name}
+for j = 1, #KEYS do
+  local kind, limit, window, bucket = string.match(ARGV[2 * j + 1], '^(%a)|(%d+)|(%d+)|(%d+)$')
+  local name = KEYS[j]
+  local s = {kind = kind, limit = tonumber(limit), cost = tonumber(ARGV[2 * j + 2]), key = name}
   window, bucket = tonumber(window), tonumber(bucket)
   if s.kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', name, '-inf', now)
@@ -55,16 +56,16 @@ for i = 3, #ARGV, 2 do
     s.window, s.ttl, s.number = window, window + 2 * bucket, math.floor(now / bucket)
     slide(s, s.number, window / bucket)
   else
-    local number
+    -- A calendar limit is one hash: n (the day or month it counts) and v (spent in it).
     if window == 0 then
-      number, s.reset = month(now)
+      s.number, s.reset = month(now)
       s.ttl = s.reset + DAY
     else
-      number = math.floor(now / window)
-      s.reset, s.ttl = window - (now - number * window), 2 * window
+      s.number = math.floor(now / window)
+      s.reset, s.ttl = window - (now - s.number * window), 2 * window
     end
-    s.key = name .. ':' .. number
-    s.used = tonumber(redis.call('GET', s.key) or '0')
+    local v = redis.call('HMGET', name, 'n', 'v')
+    s.used = tonumber(v[1]) == s.number and tonumber(v[2]) or 0
   end
   s.fits = s.used + s.cost <= s.limit
   states[#states + 1] = s
@@ -110,7 +111,7 @@ for _, s in ipairs(states) do
       'l' .. s.number, now)
     redis.call('PEXPIRE', s.key, s.ttl)
   elseif refused == 0 and s.cost > 0 then
-    redis.call('INCRBY', s.key, s.cost)
+    redis.call('HSET', s.key, 'n', s.number, 'v', s.used + s.cost)
     redis.call('PEXPIREAT', s.key, now + s.ttl)
   elseif s.dirty then  -- buckets that left, dropped: the total and the oldest follow
     if s.oldest then redis.call('HSET', s.key, 't', s.used, 'o', s.oldest) else redis.call('DEL', s.key) end

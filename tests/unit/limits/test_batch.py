@@ -41,24 +41,23 @@ class Recording(MemoryStore):
 async def test_what_arrives_meanwhile_goes_in_one_trip_merged_per_counter() -> None:
     store = Recording()
     key, deployment = "gw:{k:a}", "gw:{d:east}"
-    await store.set(f"{key}:usd:1", b"500")  # calendar counters: plain integers
-    await store.set(f"{deployment}:usd:1", b"500")
+    budget, quota = f"{key}:usd", f"{deployment}:usd"
+    for name in (budget, quota):
+        await store.hset(name, "n", b"7")  # a calendar hash counting window 7
+        await store.hset(name, "v", b"500")
     batch = Batch(store)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batch.add, {key: [CORRECT, f"{key}:usd:1", "", -10]})  # goes at once
+        tg.start_soon(batch.add, {key: [CORRECT, budget, "7", -10]})  # goes at once
         await anyio.sleep(0.001)
         for delta in (-20, -30, 50):  # these three wait for it, then go together
-            tg.start_soon(batch.add, {key: [CORRECT, f"{key}:usd:1", "", delta]})
-        tg.start_soon(
-            batch.add,
-            {key: [RELEASE, f"{key}:conc", "", "r1"], deployment: [CORRECT, f"{deployment}:usd:1", "", -7]},
-        )
+            tg.start_soon(batch.add, {key: [CORRECT, budget, "7", delta]})
+        tg.start_soon(batch.add, {key: [RELEASE, f"{key}:conc", "", "r1"], deployment: [CORRECT, quota, "7", -7]})
     assert len(store.trips) == 2
     second = store.trips[1]
-    assert [(c[0], list(c[1])) for c in second] == [(SETTLE, [key]), (SETTLE, [deployment])]
+    assert [(c[0], list(c[1])) for c in second] == [(SETTLE, [f"{key}:conc"]), (SETTLE, [quota])]  # every key named
     assert list(second[0][2]) == [RELEASE, f"{key}:conc", "", "r1"]  # -20 - 30 + 50: nothing to correct
-    assert list(second[1][2]) == [CORRECT, f"{deployment}:usd:1", "", -7]
-    assert await store.get(f"{key}:usd:1") == b"490" and await store.get(f"{deployment}:usd:1") == b"493"
+    assert list(second[1][2]) == [CORRECT, quota, "7", -7]
+    assert await store.hget(budget, "v") == b"490" and await store.hget(quota, "v") == b"493"
 
 
 async def test_a_failed_settlement_is_logged_and_releases_its_waiters(

@@ -66,11 +66,11 @@ def test_corrections_take_and_restore() -> None:
     ledger.correct(spec, at, 40 - amount)  # it really cost 40
     [(script, keys, owed)] = ledger.take()  # one RECONCILE per tag
     number = calendar(DAY_MS, at)[0]
-    assert script is RECONCILE and keys == ["gw:{k:a}"]
-    assert owed[:2] == [f"gw:{{k:a}}:usd:{number}", 40] and 0 < int(owed[2]) <= 2 * DAY_MS
+    assert script is RECONCILE and keys == ["gw:{k:a}:usd"]
+    assert owed[:3] == ["gw:{k:a}:usd", number, 40] and 0 < int(owed[3]) <= 2 * DAY_MS
     assert not ledger  # handed out
     ledger.restore(owed)  # the store did not take it
-    assert ledger.take()[0][2][:2] == owed[:2]
+    assert ledger.take()[0][2][:3] == owed[:3]
 
 
 def test_a_window_already_over_is_owed_nothing() -> None:

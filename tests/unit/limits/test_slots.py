@@ -9,8 +9,6 @@ from __future__ import annotations
 from gateway.config import Limits
 from gateway.limits.specs import (
     DAY_MS,
-    LEASE,
-    SLIDING,
     Spec,
     calendar,
     correction,
@@ -26,14 +24,9 @@ NOW = 1_790_000_000_000
 
 
 def names_touched(spec: Spec) -> list[str]:
-    """The keys ADMIT reads or writes for `spec`, and those SETTLE/RECONCILE correct."""
-    if spec.kind in (SLIDING, LEASE):  # a sliding limit is one hash, a lease one zset
-        return [spec.name, correction(spec, NOW, 1)[1]]
-    return [
-        f"{spec.name}:{calendar(spec.window_ms, NOW)[0]}",
-        counter_of(spec, NOW),
-        correction(spec, NOW, 1)[1],
-    ]
+    """The keys ADMIT reads or writes for `spec` (its KEYS), and those SETTLE/RECONCILE correct:
+    a limit is one key (a hash, or the zset of leases), so every key a script touches is declared."""
+    return [spec.name, correction(spec, NOW, 1)[1], counter_of(spec, NOW)[0]]
 
 
 def scopes(key_id: str) -> list[tuple[Spec, ...]]:
@@ -61,4 +54,4 @@ def test_keys_and_deployments_spread_over_slots() -> None:
 
 def test_a_days_budget_names_its_day() -> None:
     [spec] = specs_of(Limits(budget_usd=1.0, budget_period="day"), key_base("a"), "this key", 0)
-    assert counter_of(spec, NOW) == f"gw:{{k:a}}:usd:{NOW // DAY_MS}"
+    assert counter_of(spec, NOW) == ("gw:{k:a}:usd", NOW // DAY_MS) == (spec.name, calendar(DAY_MS, NOW)[0])

@@ -67,7 +67,7 @@ async def test_a_refused_request_is_let_in_at_its_reset_and_not_a_millisecond_be
 
     async def admit(at: int, cost: int) -> list[int]:
         clock.ms = at
-        return [int(x) for x in await store.run(ADMIT, [spec.tag], ["", 1, *spec.args(cost)])]
+        return [int(x) for x in await store.run(ADMIT, [spec.name], ["", 1, *spec.args(cost)])]
 
     at = START_MS
     for _ in range(300):
