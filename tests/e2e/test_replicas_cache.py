@@ -1,4 +1,4 @@
-"""Two real gateway processes on one real redis-server share the response cache and its flights."""
+"""Two real gateway processes on one real redis-server (or a Redis Cluster) share the response cache and its flights."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ BODY = {"model": "gpt-mini", "temperature": 0, "messages": [{"role": "user", "co
 
 
 def test_answer_cached_on_a_is_a_hit_on_b_until_purged(
-    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str
+    gateway_factory: Any, mock_upstream: MockOpenAI, shared_store_url: str
 ) -> None:
-    config = default_config(mock_upstream, store_url=redis_url)
+    config = default_config(mock_upstream, store_url=shared_store_url)
     config["cache"] = {"enabled": True, "ttl_s": 60}
     a, b = gateway_factory(config), gateway_factory(config)
     with a.http(api_key=TEAM_A_KEY, timeout=10) as ca, b.http(api_key=TEAM_A_KEY, timeout=10) as cb:
@@ -46,9 +46,9 @@ def test_answer_cached_on_a_is_a_hit_on_b_until_purged(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_identical_requests_across_replicas_make_one_upstream_call(
-    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str, stream: bool
+    gateway_factory: Any, mock_upstream: MockOpenAI, shared_store_url: str, stream: bool
 ) -> None:
-    config = default_config(mock_upstream, store_url=redis_url)
+    config = default_config(mock_upstream, store_url=shared_store_url)
     config["cache"] = {"enabled": True, "ttl_s": 60}
     replicas = gateway_factory(config), gateway_factory(config)
     if stream:
