@@ -18,8 +18,10 @@ migration ends).
 A script that touches a key it did not declare in KEYS fails mid-way on a migrating slot
 ("non local key"), after what it wrote before: that is never resent, so scripts declare
 every key. A node that cannot be reached (a connect failure: nothing was sent) has its
-group sent again once after a refresh; any other failure is the caller's StoreError,
-since the commands may have run.
+group sent again once after a refresh; any other failure (a timeout, a lost connection)
+is the caller's StoreError, since the commands may have run, and refreshes the map in the
+background: a hung primary is failed over without a word to its clients, and only the map
+tells where its slots went. Nodes whose last call failed are asked for the map last.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ClusterClient:
         self._owners: list[Address | None] | None = None
         self._nodes: dict[Address, RespClient] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        self._suspects: set[Address] = set()  # nodes whose last call failed, asked for the map last
 
     def _node(self, address: Address) -> RespClient:
         node = self._nodes.get(address)
@@ -88,8 +91,10 @@ class ClusterClient:
 
     async def _load_map(self) -> None:
         known = list(dict.fromkeys(owner for owner in self._owners or () if owner is not None))
+        candidates = [*known, *(seed for seed in self._seeds if seed not in known)]
+        candidates.sort(key=lambda address: address in self._suspects)  # a hung node last: it costs a timeout
         failures: list[str] = []
-        for address in [*known, *(seed for seed in self._seeds if seed not in known)]:
+        for address in candidates:
             try:
                 reply = await self._node(address).execute(_SLOTS)
             except StoreError as exc:
@@ -158,17 +163,27 @@ class ClusterClient:
         )
         replies: list[Any] = [None] * len(commands)
         unreachable: list[int] = []
-        for indices, result in zip(groups.values(), results, strict=True):
-            if isinstance(result, ConnectFailed) and retry:
-                unreachable.extend(i for i in indices if i not in everywhere)
-                continue
+        failure: BaseException | None = None
+        for (address, indices), result in zip(groups.items(), results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, ReplyError):
-                raise result  # an error reply is a reply (a value); this is the node's failure
+                # An error reply is a reply (a value); this is the node's failure.
+                self._suspects.add(address)
+                if isinstance(result, ConnectFailed) and retry:
+                    unreachable.extend(i for i in indices if i not in everywhere)
+                else:
+                    failure = failure or result
+                continue
+            self._suspects.discard(address)
             group_replies = result if len(indices) > 1 else [result]
             for i, reply in zip(indices, group_replies, strict=True):
                 if i in everywhere and replies[i] is not None and not isinstance(reply, ReplyError):
                     continue  # a broadcast keeps its first reply unless a later node refused
                 replies[i] = reply
+        if failure is not None:
+            # A node that timed out or dropped the connection may be hung and failed over already:
+            # nothing would redirect us from it, so look at the map again (in the background).
+            self._refresh_soon()
+            raise failure
         if unreachable:
             # Nothing was sent to that node: after a failover its slots have a new owner.
             await self.refresh()
