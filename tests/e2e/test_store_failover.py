@@ -2,8 +2,8 @@
 
 Real processes throughout: Redis Cluster (3+3) or Sentinel (1 primary, 2 replicas, 3 sentinels)
 set-ups of their own, two uvicorn gateways, a few clients posting for the whole test. A
-primary is SIGKILLed (the one that served most commands, or Sentinel's), or a slot holding
-state is migrated to another primary. Nothing here reads the gateway's key layout: the
+primary (the one that served most commands, or Sentinel's) is SIGKILLed or SIGSTOPped (hung),
+or the slots holding state are migrated to other primaries. Nothing here reads the gateway's key layout: the
 victim is found by the nodes' own command counts, the slots to move by the keys they hold,
 and whether the gateway is back on the store by its access log, which names the
 requests it decided without the store.
@@ -40,6 +40,15 @@ REQUEST_BOUND_S = 12 * STORE_TIMEOUT_S
 LOAD_CLIENTS = 4
 LOAD_PAUSE_S = 0.03  # between one client's requests: ~100 requests/s in all, a few hundred per phase
 LOAD_CAP = 3000  # requests in all, whatever happens
+
+
+# Under each outage policy a killed primary (its port refuses connections); with `open`, a hung one
+# too (it accepts connections and never answers: only timeouts tell, and nothing redirects).
+LOST_PRIMARY = pytest.mark.parametrize(
+    ("policy", "failure"),
+    [("open", signal.SIGKILL), ("closed", signal.SIGKILL), ("open", signal.SIGSTOP)],
+    ids=["open-killed", "closed-killed", "open-hung"],
+)
 
 
 @dataclass(frozen=True)
@@ -224,16 +233,10 @@ def replica_pair(
     return start
 
 
-@pytest.mark.parametrize(
-    ("policy", "failure"),
-    [("open", signal.SIGKILL), ("closed", signal.SIGKILL), ("open", signal.SIGSTOP)],
-    ids=["open-killed", "closed-killed", "open-hung"],
-)
+@LOST_PRIMARY
 def test_cluster_primary_of_the_busiest_slot_lost_under_load(
     spawn_cluster_setup: Callable[[], ClusterSetup], replica_pair: Any, policy: str, failure: signal.Signals
 ) -> None:
-    """SIGKILL: its port refuses connections. SIGSTOP: it accepts them and never answers (a hung
-    process or host), so only timeouts tell, and nothing redirects the gateway."""
     setup = spawn_cluster_setup()
     replicas = replica_pair(setup.url, policy)
     primaries = setup.primaries()
@@ -261,11 +264,7 @@ def _replica_of(node: RedisServer, primary_id: str) -> bool:
     return bool(line["master_id"] == primary_id)
 
 
-@pytest.mark.parametrize(
-    ("policy", "failure"),
-    [("open", signal.SIGKILL), ("closed", signal.SIGKILL), ("open", signal.SIGSTOP)],
-    ids=["open-killed", "closed-killed", "open-hung"],
-)
+@LOST_PRIMARY
 def test_sentinel_primary_lost_under_load(
     spawn_sentinel_setup: Callable[..., SentinelSetup],
     replica_pair: Any,
@@ -326,7 +325,8 @@ def test_slots_migrated_under_load_fail_no_request(
                 # keys is answered TRYAGAIN until the slot has moved, so every client may be held.
                 load.wait_started(2)
         load.wait_for(40)
-    assert_served_within_policy(load.answers, "open")  # `open` allows only 200: none failed or refused
+    assert {(a.status, a.code) for a in load.answers} == {(200, None)}  # none failed, none refused
+    assert max(a.elapsed for a in load.answers) < REQUEST_BOUND_S
     assert [served_without_store(gw) for gw in replicas] == [0, 0]
 
 
