@@ -47,7 +47,8 @@ def test_open_on_one_replica_is_open_on_both_and_exactly_one_probe(
     assert mock_upstream.requests == []
     # After the cooldown, 20 concurrent requests over both replicas let exactly one probe through.
     time.sleep(COOLDOWN_S + 0.1)
-    mock_upstream.behave(delay_head=1.5)  # the probe still runs while the others arrive, on a busy machine too (within first_byte_s)
+    # The probe still runs while the others arrive, on a busy machine too (and within first_byte_s).
+    mock_upstream.behave(delay_head=1.5)
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         statuses = list(pool.map(lambda i: chat((a, b)[i % 2]).status_code, range(20)))
     assert len(mock_upstream.requests) == 1
