@@ -9,10 +9,19 @@ every node of the batch, its reply the first error among them or else the first 
 
 Topology changes: a MOVED reply updates the slot's owner, refreshes the map in the
 background and sends the command to the new owner; an ASK reply sends ASKING and the
-command to the target, once. Both mean the command did not run there, so resending is
-safe. A node that cannot be reached (a connect failure: nothing was sent) has its group
-sent again once after a refresh; any other failure is the caller's StoreError, since
-the commands may have run.
+command to the target. A TRYAGAIN reply (a multi-key call in a slot being migrated, its
+keys split between the two nodes) waits a few milliseconds, doubling, and sends the
+command to the slot's owner again. All three mean the command did not run there, so
+resending is safe; a call follows up to 16 MOVED or ASK in a row, and waits on TRYAGAIN
+within the timeout (an ASK to the importing node may be answered TRYAGAIN until the
+migration ends).
+A script that touches a key it did not declare in KEYS fails mid-way on a migrating slot
+("non local key"), after what it wrote before: that is never resent, so scripts declare
+every key. A node that cannot be reached (a connect failure: nothing was sent) has its
+group sent again once after a refresh; any other failure (a timeout, a lost connection)
+is the caller's StoreError, since the commands may have run, and refreshes the map in the
+background: a hung primary is failed over without a word to its clients, and only the map
+tells where its slots went. Nodes whose last call failed are asked for the map last.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from gateway.store.base import StoreError
 from gateway.store.resp import ConnectFailed, ReplyError, RespClient, encode
@@ -49,6 +58,7 @@ class ClusterClient:
         self._owners: list[Address | None] | None = None
         self._nodes: dict[Address, RespClient] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        self._suspects: set[Address] = set()  # nodes whose last call failed, asked for the map last
 
     def _node(self, address: Address) -> RespClient:
         node = self._nodes.get(address)
@@ -81,8 +91,10 @@ class ClusterClient:
 
     async def _load_map(self) -> None:
         known = list(dict.fromkeys(owner for owner in self._owners or () if owner is not None))
+        candidates = [*known, *(seed for seed in self._seeds if seed not in known)]
+        candidates.sort(key=lambda address: address in self._suspects)  # a hung node last: it costs a timeout
         failures: list[str] = []
-        for address in [*known, *(seed for seed in self._seeds if seed not in known)]:
+        for address in candidates:
             try:
                 reply = await self._node(address).execute(_SLOTS)
             except StoreError as exc:
@@ -114,10 +126,19 @@ class ClusterClient:
             await self.refresh()
         slots = [_slot(command_keys) for command_keys in keys]
         replies = await self._send(commands, slots, retry=True)
-        broadcasts = [command for command, slot in zip(commands, slots, strict=True) if slot == _EVERY]
-        for i, reply in enumerate(replies):
-            if isinstance(reply, ReplyError) and slots[i] != _EVERY:
-                replies[i] = await self._redirected(commands[i], slots[i], reply, broadcasts)
+        redirected = [
+            i for i, reply in enumerate(replies) if slots[i] not in (None, _EVERY) and _redirection(reply)
+        ]
+        if redirected:
+            broadcasts = [command for command, slot in zip(commands, slots, strict=True) if slot == _EVERY]
+            followed = await asyncio.gather(
+                *(
+                    self._redirected(commands[i], cast("int", slots[i]), replies[i], broadcasts)
+                    for i in redirected
+                )
+            )
+            for i, reply in zip(redirected, followed, strict=True):
+                replies[i] = reply
         return replies[0] if len(commands) == 1 else replies
 
     async def _send(self, commands: Sequence[bytes], slots: list[int | None], *, retry: bool) -> list[Any]:
@@ -142,17 +163,27 @@ class ClusterClient:
         )
         replies: list[Any] = [None] * len(commands)
         unreachable: list[int] = []
-        for indices, result in zip(groups.values(), results, strict=True):
-            if isinstance(result, ConnectFailed) and retry:
-                unreachable.extend(i for i in indices if i not in everywhere)
-                continue
+        failure: BaseException | None = None
+        for (address, indices), result in zip(groups.items(), results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, ReplyError):
-                raise result  # an error reply is a reply (a value); this is the node's failure
+                # An error reply is a reply (a value); this is the node's failure.
+                self._suspects.add(address)
+                if isinstance(result, ConnectFailed) and retry:
+                    unreachable.extend(i for i in indices if i not in everywhere)
+                else:
+                    failure = failure or result
+                continue
+            self._suspects.discard(address)
             group_replies = result if len(indices) > 1 else [result]
             for i, reply in zip(indices, group_replies, strict=True):
                 if i in everywhere and replies[i] is not None and not isinstance(reply, ReplyError):
                     continue  # a broadcast keeps its first reply unless a later node refused
                 replies[i] = reply
+        if failure is not None:
+            # A node that timed out or dropped the connection may be hung and failed over already:
+            # nothing would redirect us from it, so look at the map again (in the background).
+            self._refresh_soon()
+            raise failure
         if unreachable:
             # Nothing was sent to that node: after a failover its slots have a new owner.
             await self.refresh()
@@ -162,27 +193,45 @@ class ClusterClient:
                 replies[i] = reply
         return replies
 
-    async def _redirected(
-        self, command: bytes, slot: int | None, reply: ReplyError, broadcasts: list[bytes]
-    ) -> Any:
-        """The reply after following a MOVED or ASK redirection (once); any other error as is.
+    async def _redirected(self, command: bytes, slot: int, reply: ReplyError, broadcasts: list[bytes]) -> Any:
+        """The reply after following MOVED, ASK and TRYAGAIN (see the module docstring).
 
         The batch's broadcasts (SCRIPT LOAD) go in front: the new node may not have the script.
         """
-        kind, _, rest = str(reply).partition(" ")
-        if kind not in ("MOVED", "ASK") or slot is None:
-            return reply
-        host, _, port = rest.partition(" ")[2].rpartition(":")
-        target = (host, int(port))
-        if kind == "ASK":
-            # The slot is migrating: this one command goes to the importing node, the map stays.
-            return (await self._node(target).execute(*broadcasts, _ASKING, command))[-1]
-        assert self._owners is not None
-        self._owners[slot] = target
-        self._refresh_soon()
-        if not broadcasts:
-            return await self._node(target).execute(command)
-        return (await self._node(target).execute(*broadcasts, command))[-1]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
+        pause = _TRYAGAIN_FIRST_S
+        hops = 0  # MOVED and ASK since the last wait: a loop between nodes ends here, a wait by the deadline
+        while hops < _MAX_REDIRECTIONS:
+            kind, _, rest = str(reply).partition(" ")
+            if kind == "TRYAGAIN":
+                # The slot is migrating and the call's keys are split between the two nodes: it did
+                # not run. Once the keys have moved (or the slot has), the owner answers or redirects.
+                if loop.time() + pause > deadline:
+                    return reply
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _TRYAGAIN_MAX_S)
+                prefix: tuple[bytes, ...] = ()
+                target = self._owner(slot)
+                hops = 0
+            elif kind in ("MOVED", "ASK"):
+                hops += 1
+                host, _, port = rest.partition(" ")[2].rpartition(":")
+                target = (host, int(port))
+                if kind == "ASK":
+                    prefix = (_ASKING,)  # this one call goes to the importing node; the map stays
+                else:
+                    assert self._owners is not None
+                    self._owners[slot] = target
+                    self._refresh_soon()
+                    prefix = ()
+            else:
+                return reply
+            replies = await self._node(target).execute(*broadcasts, *prefix, command)
+            reply = replies[-1] if broadcasts or prefix else replies
+            if not _redirection(reply):
+                return reply
+        return reply
 
     async def aclose(self) -> None:
         task, self._refreshing = self._refreshing, None
@@ -194,6 +243,16 @@ class ClusterClient:
 
 
 _EVERY = -1  # the slot of a broadcast command
+# MOVED/ASK a call follows in a row (as redis-py's cluster client); TRYAGAIN waits, doubling, within
+# the timeout.
+_MAX_REDIRECTIONS = 16
+_TRYAGAIN_FIRST_S = 0.005
+_TRYAGAIN_MAX_S = 0.05
+
+
+def _redirection(reply: Any) -> bool:
+    """Whether a reply says the call did not run on this node and where to send it, or to wait."""
+    return isinstance(reply, ReplyError) and str(reply).startswith(("MOVED ", "ASK ", "TRYAGAIN"))
 
 
 def _slot(keys: Keys) -> int | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -153,6 +154,58 @@ async def test_ask_sends_asking_and_the_call_to_the_importing_node(cluster_setup
                 pipe.execute()
                 s.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
                 t.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+
+
+@bounded
+async def test_tryagain_waits_while_the_keys_are_split_and_follows_the_slot_when_it_has_moved(
+    cluster_setup: ClusterSetup,
+) -> None:
+    """A multi-key call in a migrating slot whose keys are on both sides is answered TRYAGAIN (it
+    did not run): resent until the slot has moved; past the timeout, the error is the caller's."""
+    cluster_setup.flush()
+    slot = key_slot("{split}a")
+    ids = {}
+    for node in cluster_setup.primaries():
+        with node.client() as client:
+            ids[node.port] = client.cluster("myid")
+    async with store_from_url(cluster_setup.url, timeout_s=0.3) as store:
+        lean = _lean(store)
+        source_port = (await lean.owner("{split}a"))[1]
+        target_port = next(port for port in ids if port != source_port)
+        nodes = {node.port: node for node in cluster_setup.nodes if node.port in ids}
+        assert await store.set("{split}a", b"here") is True  # on the source; {split}b is nowhere
+        with nodes[source_port].client() as s, nodes[target_port].client() as t:
+            t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source_port])
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target_port])
+            try:
+                with pytest.raises(StoreError, match="TRYAGAIN"):  # split for longer than the timeout
+                    await store.run(ECHO, ["{split}a", "{split}b"], [])
+                tried = _tryagains(s)
+                call = asyncio.ensure_future(store.run(ECHO, ["{split}a", "{split}b"], ["x"]))
+                while _tryagains(s) == tried:  # the call is waiting on the split slot
+                    await anyio.sleep(0.005)
+                assert not call.done()
+                s.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", "{split}a")
+                for port in (
+                    target_port,
+                    source_port,
+                    *(p for p in ids if p not in (source_port, target_port)),
+                ):
+                    with nodes[port].client() as client:
+                        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target_port])
+                assert await call == [[b"{split}a", b"{split}b"], [b"x"]]  # MOVED to the target
+                assert lean._owners is not None and lean._owners[slot] == ("127.0.0.1", target_port)
+                assert await store.get("{split}a") == b"here"
+            finally:  # the session's cluster as it was: the slot back on its source, empty
+                t.delete("{split}a")
+                for port in ids:
+                    with nodes[port].client() as client:
+                        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[source_port])
+
+
+def _tryagains(node: Any) -> int:
+    """How many TRYAGAIN replies `node` has given."""
+    return int(node.info("errorstats").get("errorstat_TRYAGAIN", {}).get("count", 0))
 
 
 @bounded

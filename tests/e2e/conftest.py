@@ -224,6 +224,16 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("redis_url"))
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_store_url(request: pytest.FixtureRequest) -> str:
+    """A URL of an empty shared store for replica tests: one redis-server, then the 3+3 Redis Cluster."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    setup = request.getfixturevalue("cluster_setup")
+    setup.flush()
+    return str(setup.url)
+
+
 @pytest.fixture
 def gateway(gateway_factory: GatewayFactory, mock_upstream: MockOpenAI) -> GatewayProcess:
     """A gateway on the memory store."""

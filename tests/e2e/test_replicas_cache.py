@@ -17,24 +17,13 @@ from tests.mock_openai import MockOpenAI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
-
-@pytest.fixture(params=["redis", "redis-cluster"])
-def shared_url(request: pytest.FixtureRequest) -> str:
-    """A store URL both replicas share, emptied first: the session's redis-server or its cluster."""
-    if request.param == "redis":
-        return str(request.getfixturevalue("redis_url"))
-    cluster = request.getfixturevalue("cluster_setup")
-    cluster.flush()
-    return str(cluster.url)
-
-
 BODY = {"model": "gpt-mini", "temperature": 0, "messages": [{"role": "user", "content": "shared answer"}]}
 
 
 def test_answer_cached_on_a_is_a_hit_on_b_until_purged(
-    gateway_factory: Any, mock_upstream: MockOpenAI, shared_url: str
+    gateway_factory: Any, mock_upstream: MockOpenAI, shared_store_url: str
 ) -> None:
-    config = default_config(mock_upstream, store_url=shared_url)
+    config = default_config(mock_upstream, store_url=shared_store_url)
     config["cache"] = {"enabled": True, "ttl_s": 60}
     a, b = gateway_factory(config), gateway_factory(config)
     with a.http(api_key=TEAM_A_KEY, timeout=10) as ca, b.http(api_key=TEAM_A_KEY, timeout=10) as cb:
@@ -58,9 +47,9 @@ def test_answer_cached_on_a_is_a_hit_on_b_until_purged(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_identical_requests_across_replicas_make_one_upstream_call(
-    gateway_factory: Any, mock_upstream: MockOpenAI, shared_url: str, stream: bool
+    gateway_factory: Any, mock_upstream: MockOpenAI, shared_store_url: str, stream: bool
 ) -> None:
-    config = default_config(mock_upstream, store_url=shared_url)
+    config = default_config(mock_upstream, store_url=shared_store_url)
     config["cache"] = {"enabled": True, "ttl_s": 60}
     replicas = gateway_factory(config), gateway_factory(config)
     if stream:
@@ -95,9 +84,9 @@ def test_identical_requests_across_replicas_make_one_upstream_call(
 
 
 def test_leader_replica_dies_and_a_follower_on_the_other_takes_over(
-    gateway_factory: Any, mock_upstream: MockOpenAI, shared_url: str
+    gateway_factory: Any, mock_upstream: MockOpenAI, shared_store_url: str
 ) -> None:
-    config = default_config(mock_upstream, store_url=shared_url)
+    config = default_config(mock_upstream, store_url=shared_store_url)
     config["cache"] = {"enabled": True, "ttl_s": 60, "coalesce_lease_s": 1}
     a, b = gateway_factory(config), gateway_factory(config)
     mock_upstream.behave(chunks=20, chunk_delay=0.2, times=1)  # the first call: a 4 s stream

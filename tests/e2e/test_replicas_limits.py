@@ -32,21 +32,25 @@ def post_over(
     """Each body from its own thread, alternating replicas."""
 
     def one(i: int) -> httpx.Response:
-        with replicas[i % len(replicas)].http(api_key=TEAM_A_KEY, timeout=10) as c:
+        with replicas[i % len(replicas)].http(api_key=TEAM_A_KEY, timeout=30) as c:
             return c.post("/v1/chat/completions", json=bodies[i])
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, range(len(bodies))))
 
 
-def test_rpm_admits_exactly_the_limit_over_two_replicas(
-    gateway_factory: Any, mock_upstream: MockOpenAI, redis_url: str
+def test_rpm_admits_exactly_the_limit_over_replicas(
+    gateway_factory: Any, mock_upstream: MockOpenAI, shared_store_url: str
 ) -> None:
-    config = limited(mock_upstream, redis_url, rpm=10)
-    replicas = gateway_factory(config), gateway_factory(config)
-    statuses = [r.status_code for r in post_over(replicas, [BODY] * 30)]
-    assert statuses.count(200) == 10 and statuses.count(429) == 20
-    assert len(mock_upstream.requests) == 10  # refused requests never reached upstream
+    """All clients at once, spread over the replicas: exactly the limit admitted. On the cluster at
+    the issue's scale: 3 replicas, 300 concurrent clients, 100 rpm."""
+    cluster = shared_store_url.startswith("redis+cluster://")
+    replica_count, rpm, clients = (3, 100, 300) if cluster else (2, 10, 30)
+    config = limited(mock_upstream, shared_store_url, rpm=rpm)
+    replicas = tuple(gateway_factory(config) for _ in range(replica_count))
+    statuses = [r.status_code for r in post_over(replicas, [BODY] * clients, workers=clients)]
+    assert statuses.count(200) == rpm and statuses.count(429) == clients - rpm
+    assert len(mock_upstream.requests) == rpm  # refused requests never reached upstream
 
 
 def test_headers_count_down_across_replicas_and_rpd(
