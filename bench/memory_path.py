@@ -4,7 +4,7 @@
         --variant 'new={gateway}'
 
 Each variant is a gateway command run from the repo root, `{gateway}` standing for the default one,
-`taskset -c 0 <this python> -m gateway serve --config {config} --port {port}` (both filled in);
+`taskset -c 0 {python} -m gateway serve --config {config} --port {port}` (`{python}`: this one);
 the config the suite's (`bench.run.gateway_config`, memory store, auth on) plus `--extra` YAML lines.
 Per round, each variant in turn (the order rotated every round, so drift hits all alike): a fresh
 gateway, non-stream chat at 32 connections (`--warmup` discarded, then `--duration` measured), its
@@ -52,14 +52,15 @@ async def run(args: argparse.Namespace, logs: Path, procs: list[Proc]) -> dict[s
     key = "sk-bench-" + secrets.token_hex(16)
     variants = [v.partition("=")[::2] for v in args.variant] or [("ours", "{gateway}")]
     out: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
-    default = DEFAULT.replace("{python}", shlex.quote(sys.executable))
+    python = shlex.quote(sys.executable)
+    default = DEFAULT.replace("{python}", python)
     for r in range(args.rounds):
         shift = r % len(variants)
         for name, cmd in variants[shift:] + variants[:shift]:
             port = free_port()
             gateway = Target("gateway", port, key, "mock-gpt")
             config = gateway_config(port, mock_port, key, "memory://") + "".join(x + "\n" for x in args.extra)
-            args.gateway_cmd = cmd.replace("{gateway}", default)
+            args.gateway_cmd = cmd.replace("{gateway}", default).replace("{python}", python)
             gw, _ = await start_gateway(
                 args,
                 logs,
