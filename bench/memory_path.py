@@ -7,9 +7,10 @@ Each variant is a gateway command run from the repo root, `{gateway}` standing f
 `taskset -c 0 {python} -m gateway serve --config {config} --port {port}` (`{python}`: this one);
 the config the suite's (`bench.run.gateway_config`, memory store, auth on) plus `--extra` YAML lines.
 Per round, each variant in turn (the order rotated every round, so drift hits all alike): a fresh
-gateway, non-stream chat at 32 connections (`--warmup` discarded, then `--duration` measured), its
-CPU per request from /proc. Reported: per variant the median over rounds, every round's figure, and
-the machine's other load. One core for the gateway (CPU 0), the mock and the load generator on CPU 1.
+gateway, non-stream chat at 32 connections (`--stream`: 20-chunk streams at 8), `--warmup` discarded,
+then `--duration` measured, its CPU per request from /proc. Reported: per variant the median over
+rounds, every round's figure, and the machine's other load. The gateway on CPU 0 alone, the mock
+and the load generator on CPU 1.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from bench.harness import (
     start_gateway,
     start_mock,
 )
-from bench.loadgen import chat_validator
+from bench.loadgen import chat_validator, sse_validator
 from bench.run import gateway_config
 
 DEFAULT = "taskset -c 0 {python} -m gateway serve --config {config} --port {port}"
@@ -48,6 +49,10 @@ DEFAULT = "taskset -c 0 {python} -m gateway serve --config {config} --port {port
 
 async def run(args: argparse.Namespace, logs: Path, procs: list[Proc]) -> dict[str, list[dict[str, Any]]]:
     chat = chat_body(args.chunks)
+    # --stream: 20-chunk streams at 8 connections (the suite's stream_c8) instead of chat at 32.
+    load, validate = chat, chat_validator
+    if args.stream:
+        load, validate = chat_body(args.chunks, True), sse_validator(args.chunks + 3)
     mock, mock_port = await start_mock(logs, procs, "mock", "--chunks", str(args.chunks))
     key = "sk-bench-" + secrets.token_hex(16)
     variants = [v.partition("=")[::2] for v in args.variant] or [("ours", "{gateway}")]
@@ -70,14 +75,16 @@ async def run(args: argparse.Namespace, logs: Path, procs: list[Proc]) -> dict[s
                 f"{name}-r{r + 1}",
                 [(gateway.post("/v1/chat/completions", chat), chat_validator)],
             )
-            s = await measure(gateway, chat, chat_validator, 32, args, probes(mock, gw))
+            s = await measure(gateway, load, validate, 8 if args.stream else 32, args, probes(mock, gw))
             gw.stop()
             procs.remove(gw)
             errors = sum(s["errors"].values())
             cpu = s["cpu_ms_per_request"]["gateway"]
             others = s["cpu_pct"].get("others")
-            out[name].append({"cpu_ms": cpu, "rps": s["rps"], "others": others, "errors": errors})
-            progress(f"round {r + 1} {name}: {cpu:.4f} ms/request, {s['rps']:,.0f} req/s, errors {errors}")
+            ttfb = s["ttfb_ms"]["p50"]
+            row = {"cpu_ms": cpu, "rps": s["rps"], "ttfb_ms": ttfb, "others": others, "errors": errors}
+            out[name].append(row)
+            progress(f"round {r + 1} {name}: {cpu:.4f} ms/request, {s['rps']:,.0f} req/s, TTFB {ttfb:.3f} ms")
     return out
 
 
@@ -89,6 +96,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--stream", action="store_true", help="streams at 8 connections instead of chat at 32")
     args = ap.parse_args()
     os.sched_setaffinity(0, {LOAD_CPU})
     logs = ROOT / "bench" / "results" / ("memory-path-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -107,6 +115,7 @@ def main() -> int:
             f"{name}: median {statistics.median(cpus):.4f} ms/request "
             f"(rounds {', '.join(f'{c:.4f}' for c in cpus)}), "
             f"median {statistics.median(x['rps'] for x in rounds):,.0f} req/s, "
+            f"TTFB p50 {statistics.median(x['ttfb_ms'] for x in rounds):.3f} ms, "
             f"others {statistics.median(others) if others else 0:.0f}% of a core, "
             f"errors {sum(x['errors'] for x in rounds)}"
         )
