@@ -98,8 +98,8 @@ class OneSend:
             self.held = data
             self.loop.call_soon(self.release)
         elif self.held:
-            data, self.held = self.held + data, b""
-            self.transport.write(data)
+            held, self.held = self.held, b""
+            self.transport.writelines((held, data))  # one writev under uvloop: the body is not copied
         else:
             self.transport.write(data)
 

@@ -27,6 +27,9 @@ class Transport:
     def write(self, data: bytes) -> None:
         self.written += data
 
+    def writelines(self, parts: Any) -> None:
+        self.write(b"".join(parts))
+
     def close(self) -> None:
         self.closed = True
 
