@@ -9,13 +9,15 @@ of its logger would reach this handler alone, `LogHandler.add` takes the line's
 text instead: it is formatted as the handler would, queued, and the queue written
 once per event-loop turn with one masking pass. Any other record the handler
 writes first writes the queue, and so does `flush` (logging's exit hook calls it):
-the order is kept and no line is lost.
+the order is kept and no line is lost. Each write is at most PIPE_BUF bytes of whole
+lines, so workers sharing a stderr pipe never interleave inside a line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from collections.abc import Iterable
 
@@ -111,8 +113,9 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
             texts = self.masker.mask_lines([text for _, text in queued])
             try:
                 lines = [f"{head}{text}\n" for (head, _), text in zip(queued, texts, strict=True)]
-                self.stream.write("".join(lines))
-                super().flush()
+                for chunk in _atomic_chunks(lines):
+                    self.stream.write(chunk)
+                    super().flush()
             except RecursionError:
                 raise
             except Exception:
@@ -126,6 +129,23 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         self.write_queued()
         super().flush()
+
+
+def _atomic_chunks(lines: list[str]) -> list[str]:
+    """The lines joined in runs of at most PIPE_BUF bytes (a longer line alone): with --workers every
+    process writes to one stderr, and a pipe keeps a write that size whole, as it kept each line."""
+    chunks: list[str] = []
+    run: list[str] = []
+    size = 0
+    for line in lines:
+        n = len(line) if line.isascii() else len(line.encode())
+        if run and size + n > select.PIPE_BUF:
+            chunks.append("".join(run))
+            run, size = [], 0
+        run.append(line)
+        size += n
+    chunks.append("".join(run))
+    return chunks
 
 
 _installed: list[LogHandler] = []  # the handler `configure` installed last

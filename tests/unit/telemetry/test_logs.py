@@ -122,3 +122,29 @@ def test_a_secret_across_lines_is_masked_line_by_line() -> None:
     masker = SecretMasker(["ab\ncd", "sk-1"])
     assert masker.mask_lines(["xab", "cd sk-1"]) == ["xab", "cd ***"]
     assert SecretMasker(["sk-1"]).mask_lines(["a\nsk-1", "sk-1"]) == ["a\n***", "***"]
+
+
+def test_queued_lines_are_written_in_whole_lines_of_at_most_pipe_buf_bytes() -> None:
+    import io
+    import select
+
+    class Stream(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return super().write(text)
+
+    handler = logs.LogHandler(SecretMasker([]))
+    stream = Stream()
+    handler.setStream(stream)
+    long = "é" * select.PIPE_BUF  # a line over the bound goes alone, whole
+    texts = ["x" * 1000] * 9 + [long] + ["y" * 10]
+    for text in texts:
+        handler.queued.append(("h ", text))
+    handler.write_queued()
+    assert "".join(stream.writes) == "".join(f"h {t}\n" for t in texts)
+    assert all(w.endswith("\n") for w in stream.writes)
+    assert [len(w.encode()) <= select.PIPE_BUF for w in stream.writes] == [True, True, True, False, True]
