@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import uvloop
@@ -41,7 +41,7 @@ from bench.harness import (
     start_gateway,
     start_mock,
 )
-from bench.loadgen import chat_validator, sse_validator
+from bench.loadgen import Validator, chat_validator, sse_validator
 from bench.run import gateway_config
 
 DEFAULT = "taskset -c 0 {python} -m gateway serve --config {config} --port {port}"
@@ -50,7 +50,7 @@ DEFAULT = "taskset -c 0 {python} -m gateway serve --config {config} --port {port
 async def run(args: argparse.Namespace, logs: Path, procs: list[Proc]) -> dict[str, list[dict[str, Any]]]:
     chat = chat_body(args.chunks)
     # --stream: 20-chunk streams at 8 connections (the suite's stream_c8) instead of chat at 32.
-    load, validate = chat, chat_validator
+    load, validate = chat, cast(Validator, chat_validator)
     if args.stream:
         load, validate = chat_body(args.chunks, True), sse_validator(args.chunks + 3)
     mock, mock_port = await start_mock(logs, procs, "mock", "--chunks", str(args.chunks))
