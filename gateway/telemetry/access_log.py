@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import orjson
 
 from gateway.context import RequestContext
+from gateway.telemetry import logs
 from gateway.telemetry.metrics import LIMIT_KINDS, Metrics
 from gateway.types import ASGIApp, Receive, Scope, Send
 
@@ -56,7 +57,12 @@ class AccessLogMiddleware:
                 if metrics is not None and operation is not None:
                     metrics.record(ctx, operation, ended)
                 if self.access_log and log.isEnabledFor(logging.INFO):
-                    log.info(orjson.dumps(line(ctx, scope, ended, prices)).decode())
+                    text = orjson.dumps(line(ctx, scope, ended, prices)).decode()
+                    handler = logs.handler()
+                    if handler is not None and handler.takes(log):
+                        handler.add(log.name, text)  # written with the others of this loop turn
+                    else:
+                        log.info(text)
 
 
 def line(

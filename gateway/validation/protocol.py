@@ -14,10 +14,17 @@ those decisions to it). The bound reaches each worker process through uvicorn's
 own `h11_max_incomplete_event_size` setting, which means the same thing for
 uvicorn's h11 protocol: the most bytes of a request head not yet complete.
 It is the value at start; a config reload changes the middleware's bounds, not this one.
+
+Each response also leaves in one write where uvicorn makes two: its cycle writes
+the head and then the body, each a send syscall, the head's the dearer. The cycle
+here writes through `OneSend`, which holds the first write until the next one or
+the end of the event-loop turn, whichever comes first, so a head and the body sent
+right after it go out together, and nothing waits past the turn it was written in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -41,7 +48,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.head_bytes = _IN_BODY
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle:  # a new request's cycle (an upgrade makes none)
+            self.cycle.transport = OneSend(self.transport, self.loop)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         in_head = self.head_bytes != _IN_BODY
@@ -68,3 +78,43 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(head + body)
         self.transport.close()
+
+
+class OneSend:
+    """The transport as one response cycle sees it: the cycle's first write is held until its next
+    write or close, or else the end of the loop turn, so that a head and its body leave in one send."""
+
+    __slots__ = ("held", "loop", "transport", "writes")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held = b""
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        if self.writes == 1:
+            self.held = data
+            self.loop.call_soon(self.release)
+        elif self.held:
+            held, self.held = self.held, b""
+            self.transport.writelines((held, data))  # one writev under uvloop: the body is not copied
+        else:
+            self.transport.write(data)
+
+    def release(self) -> None:
+        # A connection lost meanwhile (the cycle's own close releases first): nowhere to write to.
+        if self.held and not self.transport.is_closing():
+            data, self.held = self.held, b""
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.release()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)

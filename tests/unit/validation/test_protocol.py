@@ -27,6 +27,9 @@ class Transport:
     def write(self, data: bytes) -> None:
         self.written += data
 
+    def writelines(self, parts: Any) -> None:
+        self.write(b"".join(parts))
+
     def close(self) -> None:
         self.closed = True
 
@@ -118,3 +121,62 @@ async def test_no_bound_configured_means_the_default(bound: int | None) -> None:
     protocol, _ = connect(bound)
     assert protocol.max_head_bytes == DEFAULT_MAX_HEAD_BYTES
 
+
+
+class CountingTransport(Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def counted(app: Any) -> tuple[BoundedHttpToolsProtocol, CountingTransport]:
+    config = Config(app=app, log_config=None, lifespan="off")
+    protocol = BoundedHttpToolsProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+    transport = CountingTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
+
+
+async def test_a_head_and_the_body_sent_after_it_leave_in_one_write() -> None:
+    protocol, transport = counted(ok_app)
+    protocol.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.sleep(0.01)
+    (written,) = transport.writes
+    assert written.startswith(b"HTTP/1.1 200 ") and written.endswith(b"\r\n\r\nok")
+    protocol.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")  # and so does the next response
+    await asyncio.sleep(0.01)
+    assert len(transport.writes) == 2 and transport.writes[1] == written
+
+
+async def test_a_head_whose_body_comes_later_is_written_at_the_end_of_its_loop_turn() -> None:
+    body = asyncio.Event()
+
+    async def stream(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await body.wait()
+        await send({"type": "http.response.body", "body": b"late", "more_body": False})
+
+    protocol, transport = counted(stream)
+    protocol.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    for _ in range(3):  # the task starts, sends the head, the turn ends
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 1 and transport.written.startswith(b"HTTP/1.1 200 ")
+    assert transport.written.endswith(b"transfer-encoding: chunked\r\n\r\n")
+    body.set()
+    await asyncio.sleep(0.01)
+    assert transport.writes[1:] == [b"4\r\nlate\r\n0\r\n\r\n"]
+
+
+async def test_a_held_head_is_written_before_the_cycle_closes_the_connection() -> None:
+    async def closing(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    protocol, transport = counted(closing)
+    protocol.data_received(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.sleep(0.01)
+    assert transport.written.startswith(b"HTTP/1.1 204 ") and transport.closed
