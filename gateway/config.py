@@ -209,7 +209,7 @@ class Config(Struct):
         """Every secret value in this config, for the log masker."""
         values = [self.auth.admin_key, self.auth.hash_secret, *(k.key for k in self.auth.keys)]
         values += [issuer.secret for issuer in self.auth.jwt]
-        values += [p.api_key for p in self.providers.values()]
+        values += [key for p in self.providers.values() for key in (p.api_key, *p.api_keys)]
         return [v for v in values if v]
 
     def enabled_providers(self) -> dict[str, ProviderConfig]:
@@ -266,6 +266,15 @@ def _cross_check(config: Config) -> list[str]:
             "server.max_header_line_bytes: larger than server.max_head_bytes, which bounds every line too"
         )
     for name, provider in config.providers.items():
+        if provider.api_key and provider.api_keys:
+            problems.append(f"providers.{name}.api_keys: set beside api_key; give the keys in one of them")
+        seen: dict[str, str] = {}
+        for key, where in provider.credentials:
+            if key != key.strip() or any(c in key for c in "\r\n\0"):
+                problems.append(f"providers.{name}.{where}: spaces or line breaks around or in the key")
+            elif key in seen:
+                problems.append(f"providers.{name}.{where}: same key as {seen[key]}")
+            seen.setdefault(key, where)
         if provider.url and not provider.url.startswith(("http://", "https://")):
             problems.append(f"providers.{name}.base_url: must start with http:// or https://")
         for header, value in provider.headers.items():
@@ -391,5 +400,8 @@ def load(path: str | Path, *, warn: bool = True) -> Config:
         )
     for name, provider in config.providers.items():
         if not provider.enabled:
-            log.warning("provider %s is disabled: its api_key (or base_url) is empty", name)
+            log.warning("provider %s is disabled: its api_key/api_keys (or base_url) is empty", name)
+        elif len(provider.credentials) < len(provider.api_keys):
+            empty = [f"api_keys[{i}]" for i, key in enumerate(provider.api_keys) if not key]
+            log.warning("provider %s: %s empty, left out", name, ", ".join(empty))
     return config

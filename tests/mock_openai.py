@@ -11,7 +11,8 @@ thread) that answers under `/v1` in OpenAI's wire format:
 
 Every request is recorded (`mock.requests`: method, path, query, headers as a
 list, raw body) so a test can assert what a gateway forwarded. A request must
-carry `Authorization: Bearer <api_key>`, or it gets OpenAI's 401.
+carry `Authorization: Bearer <api_key>`, or it gets OpenAI's 401 (`mock.api_keys` holds
+every key accepted: add to it for a gateway provider with several keys).
 
 Behaviour is switched per test with `mock.behave(...)`, matched on the request's
 upstream `model` and/or path; it returns a `Behaviour` that also reports what
@@ -19,6 +20,7 @@ happened (hits, and `disconnected`, set when the client closed its connection
 before the response was complete):
 
     b = mock.behave(model="mock-gpt", status=429)                 # OpenAI error body
+    b = mock.behave(key="sk-b", status=429)                       # only requests sent with that key
     b = mock.behave(model="mock-gpt", delay_head=3)               # slow first byte
     b = mock.behave(model="mock-gpt", hang=True)                  # never answers
     b = mock.behave(model="mock-gpt", chunks=20, chunk_delay=0.1) # slow stream
@@ -140,14 +142,17 @@ class Behaviour:
     reset_after: int | None = None  # abort the TCP connection (RST) after this many content chunks
     error_after: int | None = None  # send an in-stream error event after this many content chunks
     times: int | None = None  # match only this many requests (None: every one)
+    key: str | None = None  # matches requests carrying this credential (any of the providers' headers)
 
     hits: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     completed: threading.Event = field(default_factory=threading.Event)
 
-    def matches(self, path: str, model: Any) -> bool:
+    def matches(self, path: str, model: Any, key: str | None = None) -> bool:
         if self.times is not None and self.hits >= self.times:
+            return False
+        if self.key is not None and self.key != key:
             return False
         if self.path is not None and self.path != path:
             return False
@@ -177,6 +182,7 @@ class MockOpenAI:
 
     def __init__(self, api_key: str = DEFAULT_API_KEY, host: str = "127.0.0.1") -> None:
         self.api_key = api_key
+        self.api_keys = {api_key}  # every key accepted
         self.host = host
         self.port = 0
         self.requests: list[RecordedRequest] = []
@@ -296,10 +302,10 @@ class MockOpenAI:
         with self._lock:
             self.requests.append(request)
 
-    def _choose(self, path: str, model: Any) -> Behaviour | None:
+    def _choose(self, path: str, model: Any, key: str | None = None) -> Behaviour | None:
         with self._lock:
             for behaviour in self._behaviours:
-                if behaviour.matches(path, model):
+                if behaviour.matches(path, model, key):
                     behaviour.hits += 1
                     return behaviour
         return None
@@ -408,7 +414,9 @@ class Connection:
         except ValueError:
             payload = None
         model = payload.get("model") if isinstance(payload, dict) else None
-        behaviour = self._current = self.mock._choose(request.path, model)
+        bearer = request.header("authorization") or ""
+        key = request.header("x-api-key") or request.header("api-key") or bearer.removeprefix("Bearer ")
+        behaviour = self._current = self.mock._choose(request.path, model, key or None)
         if behaviour is not None:
             behaviour.requests.append(request)
             if behaviour.hang:
@@ -428,7 +436,7 @@ class Connection:
 
     async def check_auth(self, request: RecordedRequest) -> bool:
         """Answer 401 as the provider does when the credential is missing or wrong."""
-        if request.header("authorization") == f"Bearer {self.mock.api_key}":
+        if request.header("authorization") in {f"Bearer {key}" for key in self.mock.api_keys}:
             return True
         missing = request.header("authorization") is None
         fields = {"message": _NO_KEY, "code": None} if missing else {}

@@ -101,9 +101,9 @@ class AnthropicConfig(ProviderConfig, frozen=True, tag="anthropic"):
 class AnthropicAdapter(Adapter):
     config: AnthropicConfig
 
-    def build_auth_headers(self) -> list[tuple[bytes, bytes]]:
+    def build_auth_headers(self, key: str) -> list[tuple[bytes, bytes]]:
         return [
-            (b"x-api-key", self.config.api_key.encode()),
+            (b"x-api-key", key.encode()),
             (b"anthropic-version", self.config.anthropic_version.encode()),
         ]
 

@@ -105,8 +105,8 @@ class AzureOpenAIAdapter(OpenAIAdapter):
         self._suffixes = {op: f"/{op.value}?api-version={config.api_version}".encode() for op in Operation}
         self._deployments: dict[str, bytes] = {}
 
-    def build_auth_headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"api-key", self.config.api_key.encode())]
+    def build_auth_headers(self, key: str) -> list[tuple[bytes, bytes]]:
+        return [(b"api-key", key.encode())]
 
     def target(self, op: Operation, target: Target) -> bytes:
         deployment = self._deployments.get(target.model)

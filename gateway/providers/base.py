@@ -19,6 +19,8 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import orjson
 
+from gateway.providers.keys import KeyRing
+
 _PROMPT_TOKENS = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
 
@@ -75,6 +77,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
 
     base_url: str = ""
     api_key: str = ""
+    # Several keys instead of `api_key`: a 429 moves the next request to the next one, a 401/403
+    # retires one until reload (`keys.py`).
+    api_keys: list[str] = []
     max_connections: PositiveInt = 100
     # Idle pooled connections are dropped sooner than the upstream's own idle timeout
     # (uvicorn-based servers such as vLLM close after 5 s), so a request is never
@@ -95,8 +100,15 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
         return (self.base_url or self.default_base_url).rstrip("/")
 
     @property
+    def credentials(self) -> list[tuple[str, str]]:
+        """The keys set (empty ones left out), each with its place in this entry: `api_keys[1]`."""
+        if self.api_keys:
+            return [(k, f"api_keys[{i}]") for i, k in enumerate(self.api_keys) if k]
+        return [(self.api_key, "api_key")] if self.api_key else []
+
+    @property
     def enabled(self) -> bool:
-        return bool(self.url) and (bool(self.api_key) or not self.needs_api_key)
+        return bool(self.url) and (bool(self.credentials) or not self.needs_api_key)
 
     def supports(self, capability: Capability) -> bool:
         return capability in (self.default_capabilities if self.capabilities is None else self.capabilities)
@@ -249,18 +261,22 @@ class Adapter(abc.ABC):
         self.name = name
         self.config = config
         self.base_path = base_path
-        # Built once: every request to this provider sends the same head fields.
-        self.request_headers: list[tuple[bytes, bytes]] = [
-            (b"content-type", b"application/json"),
-            *self.build_auth_headers(),
-            *((k.lower().encode(), v.encode()) for k, v in config.headers.items()),
-        ]
+        extra = [(k.lower().encode(), v.encode()) for k, v in config.headers.items()]
+        # Built once per key: every request sends its key's head as it is.
+        self.keys = KeyRing(
+            name,
+            config.credentials,
+            lambda key: [(b"content-type", b"application/json"), *self.build_auth_headers(key), *extra],
+        )
         # Whole JSON answers of this provider must be read and rewritten, whatever their framing.
         self.translates = type(self).translate_response is not Adapter.translate_response
 
+    # Upstream statuses that mean the key itself is refused (revoked, unknown, not allowed): it is retired.
+    refused_key_statuses: ClassVar[frozenset[int]] = frozenset({401, 403})
+
     @abc.abstractmethod
-    def build_auth_headers(self) -> list[tuple[bytes, bytes]]:
-        """The provider credential as request headers, built once."""
+    def build_auth_headers(self, key: str) -> list[tuple[bytes, bytes]]:
+        """`key` as request headers (built once per key; "" for a provider that takes none)."""
 
     @abc.abstractmethod
     def target(self, op: Operation, target: Target) -> bytes:

@@ -51,8 +51,11 @@ class CohereConfig(ProviderConfig, frozen=True, tag="cohere"):
 
 
 class CohereAdapter(Adapter):
-    def build_auth_headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"authorization", b"Bearer " + self.config.api_key.encode())]
+    # 498 is Cohere's "invalid token".
+    refused_key_statuses: ClassVar[frozenset[int]] = frozenset({401, 403, 498})
+
+    def build_auth_headers(self, key: str) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", b"Bearer " + key.encode())]
 
     def target(self, op: Operation, target: Target) -> bytes:
         path = "/v2/embed" if op is Operation.embeddings else "/v2/chat"

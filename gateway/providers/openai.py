@@ -74,10 +74,8 @@ _STREAM_USAGE = frozenset({Operation.chat, Operation.completions})
 class OpenAIAdapter(Adapter):
     config: OpenAIWireConfig
 
-    def build_auth_headers(self) -> list[tuple[bytes, bytes]]:
-        if not self.config.api_key:
-            return []
-        return [(b"authorization", b"Bearer " + self.config.api_key.encode())]
+    def build_auth_headers(self, key: str) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", b"Bearer " + key.encode())] if key else []
 
     def target(self, op: Operation, target: Target) -> bytes:
         return f"{self.base_path}/{op.value}".encode()

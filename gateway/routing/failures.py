@@ -50,9 +50,7 @@ async def read_error(ctx: RequestContext, route: Route, response: UpstreamRespon
             if len(raw) > _ERROR_BODY_LIMIT:
                 break
     adapter = route.adapter
-    key = adapter.config.api_key.encode()
-    if key:
-        raw = raw.replace(key, b"***")
+    raw = adapter.keys.mask(raw)
     status, body = adapter.translate_error(response.status, raw)
     # `%r`: an HTML page's line breaks stay on the one log line (the log's masker hides any other secret).
     text = raw[:LOGGED_BYTES].decode("utf-8", "replace")

@@ -10,11 +10,13 @@ Until upstream content goes to the client, a failed attempt (connect error,
 timeout, 429, 5xx) tries the same deployment again after a jittered backoff, up
 to the alias's `retries`, then (with `failover`) moves on to the plan's next
 deployment, fallbacks included, all within the request's total deadline; a
-timed-out deployment is never tried twice, and a 4xx ends the request.
-Deployments whose breaker is open are skipped. A streaming request waiting on
-its upstream gets heartbeats (`heartbeat.py`); errors after them end the stream
-with an error event (`failures.py`). A client that disconnects cancels the
-upstream call at once.
+timed-out deployment is never tried twice, and a 4xx ends the request. A provider
+with several keys (`gateway/providers/keys.py`) is retried on its next key: after a
+429 without backoff, after a 401/403 (the key retired) at once and uncounted.
+Deployments whose breaker is open, or whose provider has no usable key left, are
+skipped. A streaming request waiting on its upstream gets heartbeats
+(`heartbeat.py`); errors after them end the stream with an error event
+(`failures.py`). A client that disconnects cancels the upstream call at once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gateway.errors import (
 )
 from gateway.providers import OPERATION_CAPABILITY, Capability, StreamTranslator
 from gateway.providers.base import find_usage
+from gateway.providers.keys import ProviderKey
 from gateway.routing.breaker import Admission, Breakers, Outcome
 from gateway.routing.failures import Failed, error_event, read_error, send_error, send_failure
 from gateway.routing.heartbeat import SSE_HEADERS, Beat, Pulse
@@ -152,20 +155,32 @@ class Forward:
         index = 0  # where the plan's walk goes on
         route: Route | None = None
         retried = 0  # retries of `route` so far
+        key: ProviderKey | None = None  # the last attempt's provider key
+        key_refused = False  # the last attempt's key was refused and retired, and its provider has another
         while time.perf_counter() < deadline:
             probe = False
-            if route is not None and route not in skip and retried < alias.retries:
+            if (
+                route is not None
+                and route not in skip
+                and (key_refused or retried < alias.retries)
+                and route.adapter.keys.current is not None
+            ):
                 admitted = await self.breakers.admit(route.id)  # the breaker may have opened meanwhile
                 if admitted is Admission.REJECT:
                     skip.add(route)
                     continue
                 probe = admitted is Admission.PROBE
-                retried += 1
-                # The same deployment again: back off (full jitter), within the deadline.
-                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (retried - 1)))
-                if time.perf_counter() + delay >= deadline:
-                    break
-                await asyncio.sleep(delay)
+                if key_refused:
+                    key_refused = False  # a revoked key is no fault of the request: not one of its retries
+                else:
+                    retried += 1
+                if route.adapter.keys.current is key:
+                    # The same deployment and key again: back off (full jitter), within the deadline.
+                    # A 429 moved the key on: the next one's limit has not been met, so go at once.
+                    delay = random.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** (retried - 1)))
+                    if time.perf_counter() + delay >= deadline:
+                        break
+                    await asyncio.sleep(delay)
             else:
                 if attempts and not alias.failover:
                     break
@@ -173,7 +188,7 @@ class Forward:
                 if route is None:
                     break
                 index = plan.index(route) + 1
-                retried = 0
+                retried, key_refused = 0, False
             if route.quota:
                 if admission is not None and admission.prepaid is route:
                     admission.prepaid = None  # paid by the admission, for this first attempt
@@ -183,9 +198,13 @@ class Forward:
                         last = refused
                     continue
                 admission = ctx.admission
+            adapter = route.adapter
+            key = adapter.keys.current
+            if key is None:  # its last key was retired by another request since the walk chose it
+                skip.add(route)
+                continue
             attempts += 1
             ctx.deployment = route.id
-            adapter = route.adapter
             try:
                 payload = adapter.encode_body(op, ctx.body, route.target)
             except GatewayError as exc:
@@ -196,7 +215,7 @@ class Forward:
                 skip.add(route)
                 last = exc
                 continue
-            headers, trace, span = adapter.request_headers, ctx.trace, None
+            headers, trace, span = key.headers, ctx.trace, None
             if trace is not None:
                 kind = str(type(adapter.config).__struct_config__.tag)
                 span = trace.attempt(op.value, kind, route.id, route.target.model, attempts)
@@ -235,24 +254,32 @@ class Forward:
             outcome = Outcome.of_status(failed.status)
             self.breakers.record(route.id, outcome, probe=probe)
             last = failed
+            if response.status in adapter.refused_key_statuses and adapter.keys.several:
+                # The provider refused the key, not the request: retire it, then the same deployment
+                # on its next key, or (none left) the plan's next deployment.
+                adapter.keys.retire(key)
+                if adapter.keys.current is not None:
+                    key_refused = True
+                else:
+                    skip.add(route)
+                    last = unavailable(ctx.model, [route])
+                continue
             if outcome is Outcome.CLIENT_ERROR:
                 break  # the request itself is wrong: another deployment would say the same
+            if outcome is Outcome.RATE_LIMITED:
+                adapter.keys.rotate(key)  # this key's limit is met: the next request (and retry) on the next
             self.breakers.note_error(route.id, f"HTTP {failed.status}")
         if isinstance(last, Failed):
             headers = [*last.headers, *ctx.headers(), *self.route_info(last.route, attempts)]
             await send_failure(ctx, send, last.status, last.body, headers)
             return
-        if last is None:
-            last = ServiceUnavailable(
-                f"Every deployment of model `{ctx.model}` is unavailable (circuit open); try again shortly.",
-                code="deployments_unavailable",
-            )
-        await send_error(ctx, send, last)
+        await send_error(ctx, send, last or unavailable(ctx.model, plan))
 
     async def next_route(self, plan: list[Route], start: int, skip: set[Route]) -> tuple[Route | None, bool]:
-        """The first deployment from `start` on that the breaker admits, and whether it is a probe."""
+        """The first deployment from `start` on that has a usable key and the breaker admits, and
+        whether it is a probe."""
         for route in plan[start:]:
-            if route in skip:
+            if route in skip or route.adapter.keys.current is None:
                 continue
             admission = await self.breakers.admit(route.id)
             if admission is not Admission.REJECT:
@@ -345,6 +372,25 @@ class Forward:
             ctx.tokens = usage[0] + usage[1]
         if ctx.policy is not None:
             self.usage.add(ctx.policy.key_id, ctx.model, usage)
+
+
+def unavailable(alias: str, plan: list[Route]) -> ServiceUnavailable:
+    """The answer when no deployment could be tried: breakers open, or providers without a usable key."""
+    keyless = sorted({r.adapter.name for r in plan if r.adapter.keys.current is None})
+    if not keyless:
+        return ServiceUnavailable(
+            f"Every deployment of model `{alias}` is unavailable (circuit open); try again shortly.",
+            code="deployments_unavailable",
+        )
+    names = ", ".join(f"'{name}'" for name in keyless)
+    which = f"provider {names} has" if len(keyless) == 1 else f"providers {names} have"
+    every = len(keyless) == len({r.adapter.name for r in plan})
+    rest = "" if every else ", and the others' circuits are open"
+    return ServiceUnavailable(
+        f"Every deployment of model `{alias}` is unavailable: {which} no usable API key left "
+        f"(the upstream refused every one){rest}.",
+        code="provider_keys_exhausted",
+    )
 
 
 def seen_usage(translator: StreamTranslator | None, tail: bytes) -> tuple[int, int] | None:

@@ -52,7 +52,10 @@ class Prober:
 
     async def probe(self, client: httpx.AsyncClient, route: Route) -> None:
         adapter = route.adapter
-        headers = [(k.decode(), v.decode()) for k, v in adapter.request_headers]
+        key = adapter.keys.current
+        if key is None:
+            return  # every key refused: the answer is known without asking
+        headers = [(k.decode(), v.decode()) for k, v in key.headers]
         try:
             response = await client.get(adapter.probe_url(), headers=headers)
         except httpx.HTTPError as exc:

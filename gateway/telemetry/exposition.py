@@ -43,9 +43,15 @@ BREAKER = Metric(
     "1 for each deployment's current breaker state (closed, open, half_open), shared by every replica.",
     ("deployment", "state"),
 )
+PROVIDER_KEYS = Metric(
+    "gateway_provider_keys",
+    "gauge",
+    "A provider's API keys by state: usable, or retired after a 401/403 until reload (the scraped worker's).",
+    ("provider", "state"),
+)
 STORE_UP = Metric("gateway_store_up", "gauge", "1 when the store answered this scrape's ping, else 0.", ())
 WORKERS = Metric("gateway_workers", "gauge", "Worker processes of this replica counted in this scrape.", ())
-SCRAPED = (INFLIGHT, STREAMS, CONNECTIONS, BREAKER, STORE_UP, WORKERS)
+SCRAPED = (INFLIGHT, STREAMS, CONNECTIONS, BREAKER, PROVIDER_KEYS, STORE_UP, WORKERS)
 BREAKER_STATES = ("closed", "open", "half_open")
 
 Scrape = Callable[[], Awaitable[tuple[Counts, Gauges, Mapping[str, Deployment]]]]

@@ -21,6 +21,7 @@ from gateway.telemetry.exposition import (
     BREAKER_STATES,
     CONNECTIONS,
     INFLIGHT,
+    PROVIDER_KEYS,
     STORE_UP,
     STREAMS,
     WORKERS,
@@ -143,6 +144,13 @@ class MetricsService:
         gauges[BREAKER.name] = {
             (d, s): float(source.breakers.state(d) == s) for d in sorted(deployments) for s in BREAKER_STATES
         }
+        # Keys are retired per worker: this one's view, as with the breakers.
+        keys: dict[tuple[str, ...], float] = {}
+        for ring in {route.adapter.keys for alias in source.routes.values() for route in alias.routes}:
+            if ring.secrets:
+                keys[(ring.provider, "usable")] = len(ring.usable)
+                keys[(ring.provider, "retired")] = len(ring.keys) - len(ring.usable)
+        gauges[PROVIDER_KEYS.name] = keys
         gauges[STORE_UP.name] = {(): float(await _store_up(source.store))}
         gauges[WORKERS.name] = {(): workers}
         return counts, gauges, self.metrics.deployments

@@ -63,9 +63,9 @@ def test_headers_and_target() -> None:
     built = build_adapter(
         "claude", AnthropicConfig(api_key="sk-ant-unit", anthropic_version="2099-01-01"), "/proxy"
     )
-    assert (b"x-api-key", b"sk-ant-unit") in built.request_headers
-    assert (b"anthropic-version", b"2099-01-01") in built.request_headers
-    assert not any(name == b"authorization" for name, _ in built.request_headers)
+    assert (b"x-api-key", b"sk-ant-unit") in built.keys.keys[0].headers
+    assert (b"anthropic-version", b"2099-01-01") in built.keys.keys[0].headers
+    assert not any(name == b"authorization" for name, _ in built.keys.keys[0].headers)
     assert built.target(CHAT, TARGET) == b"/proxy/v1/messages"
 
 

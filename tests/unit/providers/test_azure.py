@@ -93,7 +93,7 @@ def test_a_path_prefix_that_is_not_openai_is_kept() -> None:
 
 
 def test_key_goes_in_api_key_header_only() -> None:
-    headers = adapter(headers={"X-Team": "search"}).request_headers
+    headers = adapter(headers={"X-Team": "search"}).keys.keys[0].headers
 
     assert headers == [
         (b"content-type", b"application/json"),

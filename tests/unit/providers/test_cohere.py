@@ -76,8 +76,8 @@ def test_config_from_yaml_with_defaults() -> None:
 
 def test_auth_header_and_targets() -> None:
     a = adapter("/proxy")
-    assert (b"authorization", b"Bearer " + KEY.encode()) in a.request_headers
-    assert (b"content-type", b"application/json") in a.request_headers
+    assert (b"authorization", b"Bearer " + KEY.encode()) in a.keys.keys[0].headers
+    assert (b"content-type", b"application/json") in a.keys.keys[0].headers
     assert a.target(CHAT, TARGET) == b"/proxy/v2/chat"
     assert a.target(EMBED, TARGET) == b"/proxy/v2/embed"
 

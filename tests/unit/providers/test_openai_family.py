@@ -81,7 +81,7 @@ def test_key_is_a_bearer_authorization_header(kind: str) -> None:
 
     adapter = build_adapter("p", config, "/v1")
 
-    assert adapter.request_headers == [
+    assert adapter.keys.keys[0].headers == [
         (b"content-type", b"application/json"),
         (b"authorization", f"Bearer {KEY}".encode()),
     ]
@@ -98,7 +98,7 @@ def test_self_hosted_needs_a_url_and_no_key() -> None:
     config = provider("openai_compatible", base_url="http://127.0.0.1:11434/v1")
 
     assert config.enabled
-    assert build_adapter("local", config, "/v1").request_headers == [(b"content-type", b"application/json")]
+    assert build_adapter("local", config, "/v1").keys.keys[0].headers == [(b"content-type", b"application/json")]
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_target_is_the_base_urls_path_plus_openais_path(kind: str, base_url: str
 def test_configured_headers_follow_the_credential() -> None:
     config = OpenRouterConfig(api_key=KEY, headers=OPENROUTER_HEADERS)
 
-    headers = build_adapter("openrouter", config, "/api/v1").request_headers
+    headers = build_adapter("openrouter", config, "/api/v1").keys.keys[0].headers
 
     assert headers == [
         (b"content-type", b"application/json"),
@@ -144,11 +144,11 @@ def test_key_appears_only_in_the_authorization_header(kind: str) -> None:
 
     sent = [adapter.target(op, Target(f"model-{op.name}")) for op in Operation]
     sent += [adapter.encode_body(op, dict(body), Target("m")) for op in Operation]
-    sent += [name for name, _ in adapter.request_headers]
-    sent += [value for name, value in adapter.request_headers if name != b"authorization"]
+    sent += [name for name, _ in adapter.keys.keys[0].headers]
+    sent += [value for name, value in adapter.keys.keys[0].headers if name != b"authorization"]
 
     assert all(KEY.encode() not in part for part in sent)
-    assert dict(adapter.request_headers)[b"authorization"] == f"Bearer {KEY}".encode()
+    assert dict(adapter.keys.keys[0].headers)[b"authorization"] == f"Bearer {KEY}".encode()
     assert orjson.loads(adapter.encode_body(Operation.chat, dict(body), Target("m"))) == {
         **body,
         "model": "m",
@@ -222,11 +222,12 @@ async def test_streams_carry_the_headers_and_an_echoed_key_is_masked(
     client: httpx.AsyncClient, upstream: MockOpenAI
 ) -> None:
     streamed = await client.post("/v1/chat/completions", json=chat(stream=True))
-    upstream.behave(model="openai/gpt-4o-mini", status=401, error={"message": f"Bad key {KEY} for this org."})
+    # A 400 (a 401 would retire the key: tests/integration/test_provider_keys.py).
+    upstream.behave(model="openai/gpt-4o-mini", status=400, error={"message": f"Bad key {KEY} for this org."})
     refused = await client.post("/v1/chat/completions", json=chat())
 
     assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
     assert upstream.requests[0].header("x-title") == "Example App"
-    assert refused.status_code == 401
+    assert refused.status_code == 400
     assert refused.json()["error"]["message"] == "Bad key *** for this org."
     assert KEY not in refused.text

@@ -63,3 +63,33 @@ def test_probe_outcomes(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, "gateway.probes"):
         asyncio.run(main())
     assert "answered 503" in caplog.text and "ConnectError" in caplog.text
+
+
+def test_probes_use_the_current_key_and_skip_a_provider_with_none() -> None:
+    async def main() -> None:
+        breakers = Breakers(MemoryStore(), BreakerSettings(failures=1, cooldown_s=60, max_cooldown_s=60))
+        routes = []
+        for name in ("moved", "keyless"):
+            config = OpenAIConfig(api_keys=["sk-probe-one", "sk-probe-two"], base_url=f"http://{name}.test/v1")
+            pool = UpstreamPool("http://127.0.0.1:9/v1")
+            routes.append(Route(build_adapter(name, config, "/v1"), pool, Target("m")))
+        moved, keyless = (route.adapter.keys for route in routes)
+        moved.retire(moved.keys[0])
+        for key in keyless.keys:
+            keyless.retire(key)
+        await breakers.start(r.id for r in routes)
+        for route in routes:
+            breakers.record(route.id, Outcome.FAILURE)
+        await breakers.flush()
+        seen = []
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            seen.append((request.url.host, request.headers["authorization"]))
+            return httpx.Response(200)
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            await Prober(routes, breakers, 60, 1).probe_all(client)
+        assert seen == [("moved.test", "Bearer sk-probe-two")]
+        await breakers.aclose()
+
+    asyncio.run(main())
